@@ -1,0 +1,119 @@
+"""Persisted model_config (validated at log time) and the merged per-request generation parameters.
+
+Merge order: OpenAI defaults < model_config < request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from llmadapter.errors import ConfigError
+
+# OpenAI's documented defaults, applied explicitly so that a pipeline's own generation_config
+# (transformers 5 samples with temperature 0.7 by default) never leaks into answers.
+OPENAI_DEFAULTS: dict[str, Any] = {
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": 0,
+    "n": 1,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+}
+DEFAULT_MAX_TOKENS = 256
+
+
+class ModelConfig(BaseModel):
+    """Defaults for chat and completions requests, stored with the model; every request may override."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    temperature: Annotated[float, Field(ge=0.0, le=2.0, description="Sampling temperature; 0 is greedy.")] = (
+        1.0
+    )
+    top_p: Annotated[float, Field(gt=0.0, le=1.0, description="Nucleus sampling mass.")] = 1.0
+    top_k: Annotated[int, Field(ge=0, description="Keep the k most likely tokens; 0 disables.")] = 0
+    max_tokens: Annotated[
+        int, Field(ge=1, description="Default completion length when a request gives none.")
+    ] = DEFAULT_MAX_TOKENS
+    stop: list[str] = Field(default_factory=list, description="Default stop sequences.")
+    n: Annotated[int, Field(ge=1, le=16, description="Default number of choices.")] = 1
+    seed: int | None = Field(default=None, description="Default seed for sampling.")
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
+    max_batch_size: Annotated[
+        int, Field(ge=1, le=512, description="Most sequences generated together in one batch.")
+    ] = 32
+    context_window: Annotated[
+        int | None, Field(ge=1, description="Override the model's context window (tokens).")
+    ] = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list) and any(not isinstance(s, str) or s == "" for s in value):
+            raise ValueError("stop sequences must be non-empty strings")
+        return value
+
+
+class EmbeddingsConfig(BaseModel):
+    """Defaults for embeddings requests, stored with the model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dimensions: Annotated[int | None, Field(ge=1, description="Truncate vectors to this size.")] = None
+    encoding_format: Literal["float", "base64"] = "float"
+    truncate: bool = Field(
+        default=True, description="Cut inputs at the model's max length (False: refuse them)."
+    )
+    max_inputs: Annotated[int, Field(ge=1, le=100_000, description="Most inputs in one request.")] = 2048
+    max_batch_size: Annotated[int, Field(ge=1, le=4096, description="Texts per forward pass.")] = 64
+
+
+def _config_error(exc: ValidationError, what: str) -> ConfigError:
+    first = exc.errors()[0]
+    key = ".".join(str(p) for p in first.get("loc", ())) or None
+    if first.get("type") == "extra_forbidden":
+        return ConfigError(f"Unknown {what} key '{key}'.", param=key)
+    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    return ConfigError(f"Invalid {what} value for '{key}': {msg}.", param=key)
+
+
+def parse_model_config(inference_task: str, data: Mapping[str, Any] | None) -> ModelConfig | EmbeddingsConfig:
+    """Validate a user's model_config for a task; unknown keys and out-of-range values raise ConfigError."""
+    if data is not None and not isinstance(data, Mapping):
+        raise ConfigError(f"model_config must be a mapping, got {type(data).__name__}.", param="model_config")
+    cls: type[ModelConfig] | type[EmbeddingsConfig] = (
+        EmbeddingsConfig if inference_task.endswith("embeddings") else ModelConfig
+    )
+    try:
+        return cls.model_validate(dict(data or {}))
+    except ValidationError as exc:
+        raise _config_error(exc, "model_config") from None
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """One request's resolved generation parameters, as the engine consumes them."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: tuple[str, ...] = ()
+    n: int = 1
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0

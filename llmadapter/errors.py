@@ -1,0 +1,82 @@
+"""The one exception tree of llmadapter; every error maps to an HTTP status and an OpenAI error JSON.
+
+    LLMAdapterError                    500  server_error
+    ├── InvalidRequestError            400  invalid_request_error   (bad parameter value; names `param`)
+    │   └── ContextLengthError         400  invalid_request_error   code=context_length_exceeded
+    ├── AuthenticationError            401  authentication_error
+    ├── NotFoundError                  404  not_found_error         (unknown model or route for a task)
+    ├── OverloadedError                429  rate_limit_error        (queue full; carries retry_after)
+    ├── ConfigError                    400  invalid_request_error   (bad model_config / log arguments)
+    ├── ModelSourceError               400  invalid_request_error   (a source that cannot be resolved)
+    └── ValidationFailedError          422  validation_error        (a logged model failed validation)
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class LLMAdapterError(Exception):
+    status_code: ClassVar[int] = 500
+    error_type: ClassVar[str] = "server_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def to_openai(self) -> dict[str, Any]:
+        """The OpenAI error body: {"error": {"message", "type", "param", "code"}}."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class InvalidRequestError(LLMAdapterError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class ContextLengthError(InvalidRequestError):
+    def __init__(self, message: str, *, param: str | None = "messages") -> None:
+        super().__init__(message, param=param, code="context_length_exceeded")
+
+
+class AuthenticationError(LLMAdapterError):
+    status_code = 401
+    error_type = "authentication_error"
+
+
+class NotFoundError(LLMAdapterError):
+    status_code = 404
+    error_type = "not_found_error"
+
+
+class OverloadedError(LLMAdapterError):
+    status_code = 429
+    error_type = "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message, code="queue_full")
+        self.retry_after = retry_after
+
+
+class ConfigError(LLMAdapterError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class ModelSourceError(LLMAdapterError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class ValidationFailedError(LLMAdapterError):
+    status_code = 422
+    error_type = "validation_error"

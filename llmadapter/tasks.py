@@ -1,0 +1,171 @@
+"""The task catalog: each llm/v1 task's native pipeline tasks, request model, config and signature."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from llmadapter.config import EmbeddingsConfig, ModelConfig
+from llmadapter.errors import ConfigError
+from llmadapter.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+
+if TYPE_CHECKING:
+    from mlflow.models import ModelSignature
+
+CHAT = "llm/v1/chat"
+COMPLETIONS = "llm/v1/completions"
+EMBEDDINGS = "llm/v1/embeddings"
+
+# (name, mlflow type) of the optional request fields our engine accepts beyond MLflow's own schema.
+# MLflow's schema enforcement drops any field a signature lacks, so these must be declared.
+_CHAT_EXTRA = (
+    ("max_completion_tokens", "long"),
+    ("seed", "long"),
+    ("logprobs", "boolean"),
+    ("top_logprobs", "long"),
+    ("tool_choice", "string"),
+    ("parallel_tool_calls", "boolean"),
+    ("logit_bias", "map_double"),
+    ("stream_options", "stream_options"),
+    ("user", "string"),
+    ("model", "string"),
+)
+_COMPLETIONS_EXTRA = (
+    ("top_p", "double"),
+    ("top_k", "long"),
+    ("frequency_penalty", "double"),
+    ("presence_penalty", "double"),
+    ("seed", "long"),
+    ("logprobs", "long"),
+    ("echo", "boolean"),
+    ("logit_bias", "map_double"),
+    ("stream_options", "stream_options"),
+    ("user", "string"),
+    ("model", "string"),
+)
+_EMBEDDINGS_EXTRA = (
+    ("encoding_format", "string"),
+    ("dimensions", "long"),
+    ("user", "string"),
+    ("model", "string"),
+)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    inference_task: str
+    native_tasks: tuple[str, ...]
+    request_model: type[Any]
+    config_model: type[ModelConfig] | type[EmbeddingsConfig]
+    input_field: str
+    response_object: str
+    extra_fields: tuple[tuple[str, str], ...]
+
+    @property
+    def default_native_task(self) -> str:
+        return self.native_tasks[0]
+
+    @property
+    def is_generation(self) -> bool:
+        return self.inference_task != EMBEDDINGS
+
+
+CATALOG: dict[str, TaskSpec] = {
+    CHAT: TaskSpec(
+        CHAT,
+        ("text-generation",),
+        ChatCompletionRequest,
+        ModelConfig,
+        "messages",
+        "chat.completion",
+        _CHAT_EXTRA,
+    ),
+    COMPLETIONS: TaskSpec(
+        COMPLETIONS,
+        ("text-generation",),
+        CompletionRequest,
+        ModelConfig,
+        "prompt",
+        "text_completion",
+        _COMPLETIONS_EXTRA,
+    ),
+    EMBEDDINGS: TaskSpec(
+        EMBEDDINGS,
+        ("feature-extraction", "sentence-similarity"),
+        EmbeddingRequest,
+        EmbeddingsConfig,
+        "input",
+        "list",
+        _EMBEDDINGS_EXTRA,
+    ),
+}
+
+
+def get_task(inference_task: str) -> TaskSpec:
+    try:
+        return CATALOG[inference_task]
+    except KeyError:
+        raise ConfigError(
+            f"Unknown task '{inference_task}'. Choose one of: {', '.join(CATALOG)}.", param="task"
+        ) from None
+
+
+def resolve_task(task: str | None, native_task: str | None) -> tuple[str, TaskSpec]:
+    """(native pipeline task, llm/v1 spec) for a requested task and the pipeline's own task.
+
+    `task` may be an llm/v1 task, or a native task (then the llm/v1 task follows from the catalog:
+    text-generation -> chat, feature-extraction -> embeddings).
+    """
+    if task is None and native_task is None:
+        raise ConfigError("The pipeline's task cannot be inferred; pass task=...", param="task")
+    if task is not None and task in CATALOG:
+        spec = CATALOG[task]
+        native = native_task or spec.default_native_task
+        if native not in spec.native_tasks:
+            raise ConfigError(
+                f"Task '{task}' needs a {' or '.join(spec.native_tasks)} pipeline; "
+                f"this pipeline's task is '{native}'.",
+                param="task",
+            )
+        return native, spec
+    native = task or native_task
+    assert native is not None
+    if native_task is not None and task is not None and task != native_task:
+        raise ConfigError(
+            f"task='{task}' does not match the pipeline's own task '{native_task}'.", param="task"
+        )
+    for spec in (CATALOG[CHAT], CATALOG[EMBEDDINGS]):
+        if native in spec.native_tasks:
+            return native, spec
+    raise ConfigError(
+        f"Pipeline task '{native}' has no llm/v1 interface; supported: text-generation "
+        "(llm/v1/chat, llm/v1/completions) and feature-extraction (llm/v1/embeddings).",
+        param="task",
+    )
+
+
+def _extra_colspec(name: str, kind: str) -> Any:
+    from mlflow.types.schema import ColSpec, DataType, Map, Object, Property
+
+    if kind == "map_double":
+        return ColSpec(Map(DataType.double), name, required=False)
+    if kind == "stream_options":
+        return ColSpec(
+            Object([Property("include_usage", DataType.boolean, required=False)]), name, required=False
+        )
+    return ColSpec(DataType[kind], name, required=False)
+
+
+def build_signature(inference_task: str) -> ModelSignature:
+    """MLflow's own llm/v1 signature, extended with optional fields for every other engine parameter."""
+    from mlflow.models import ModelSignature
+    from mlflow.transformers.llm_inference_utils import _SIGNATURE_FOR_LLM_INFERENCE_TASK
+    from mlflow.types.schema import Schema
+
+    spec = get_task(inference_task)
+    native = _SIGNATURE_FOR_LLM_INFERENCE_TASK[inference_task]
+    names = set(native.inputs.input_names())
+    inputs = list(native.inputs.inputs) + [
+        _extra_colspec(name, kind) for name, kind in spec.extra_fields if name not in names
+    ]
+    return ModelSignature(inputs=Schema(inputs), outputs=native.outputs, params=native.params)
