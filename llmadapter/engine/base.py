@@ -1,0 +1,75 @@
+"""The engine interface shared by generation (chat, completions) and embeddings.
+
+Requests and responses are the typed models of llmadapter.protocol. Sync methods serve pyfunc
+`predict`/`predict_stream`; async methods serve the HTTP server and go through the engine's
+scheduler, which batches concurrent requests together.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+
+from llmadapter.errors import InvalidRequestError
+from llmadapter.protocol import parse_request
+from llmadapter.tasks import TaskSpec
+
+
+@dataclass
+class EngineStats:
+    """Counters the server exposes on /metrics. Engines update them; readers only read."""
+
+    queue_depth: int = 0
+    running: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    batch_sizes: list[int] = field(default_factory=list)  # one entry per forward step, trimmed
+
+    def record_batch(self, size: int) -> None:
+        self.batch_sizes.append(size)
+        if len(self.batch_sizes) > 10_000:
+            del self.batch_sizes[:5_000]
+
+
+class Engine(ABC):
+    """One loaded model answering one llm/v1 task."""
+
+    spec: TaskSpec
+    model_name: str
+    stats: EngineStats
+
+    @property
+    def inference_task(self) -> str:
+        return self.spec.inference_task
+
+    def parse(self, raw: Mapping[str, Any]) -> BaseModel:
+        """Validate a raw OpenAI request body for this task (InvalidRequestError names the param)."""
+        return parse_request(self.spec.request_model, raw)
+
+    @property
+    @abstractmethod
+    def context_window(self) -> int:
+        """Most tokens one sequence may hold (prompt + completion)."""
+
+    @abstractmethod
+    def run(self, requests: Sequence[BaseModel]) -> list[BaseModel]:
+        """Answer several requests together (one batch where possible), each with its own params."""
+
+    def stream(self, request: BaseModel) -> Iterator[BaseModel]:
+        """Yield stream chunks for one request."""
+        raise InvalidRequestError(f"{self.inference_task} does not support streaming.", param="stream")
+
+    @abstractmethod
+    async def arun(self, request: BaseModel) -> BaseModel:
+        """Answer one request from async code; concurrent calls are batched by the scheduler."""
+
+    def astream(self, request: BaseModel) -> AsyncIterator[BaseModel]:
+        """Async stream of chunks; closing the iterator cancels the request's generation."""
+        raise InvalidRequestError(f"{self.inference_task} does not support streaming.", param="stream")
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Stop background workers."""
