@@ -1,0 +1,78 @@
+"""Per-row logits processing and token choice for a batch whose rows each have their own parameters."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+import torch
+
+from llmadapter.config import GenerationParams
+
+
+@dataclass
+class RowSampler:
+    """One sequence's sampling state: its params, its own generator, counts of generated tokens."""
+
+    params: GenerationParams
+    generator: torch.Generator | None
+    counts: dict[int, int]
+
+    @classmethod
+    def create(cls, params: GenerationParams, choice_index: int) -> RowSampler:
+        generator = None
+        if not params.greedy:
+            generator = torch.Generator()
+            # A per-request generator: seeded runs are reproducible and never touch the global RNG.
+            seed = params.seed + choice_index if params.seed is not None else secrets.randbits(63)
+            generator.manual_seed(seed)
+        return cls(params, generator, {})
+
+    def observe(self, token_id: int) -> None:
+        self.counts[token_id] = self.counts.get(token_id, 0) + 1
+
+
+def _penalize(logits: torch.Tensor, rows: list[RowSampler]) -> None:
+    """OpenAI semantics, on generated tokens only: logit -= count*frequency + (count>0)*presence."""
+    for i, row in enumerate(rows):
+        p = row.params
+        if row.counts and (p.presence_penalty or p.frequency_penalty):
+            ids = torch.tensor(list(row.counts.keys()), dtype=torch.long)
+            counts = torch.tensor(list(row.counts.values()), dtype=logits.dtype)
+            logits[i, ids] -= counts * p.frequency_penalty + p.presence_penalty
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias.keys()), dtype=torch.long)
+            logits[i, ids] += torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype)
+
+
+def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the mass before it already reaches top_p (the first token always stays).
+        drop = (torch.cumsum(probs, dim=-1) - probs) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
+    return logits
+
+
+def choose_tokens(logits: torch.Tensor, rows: list[RowSampler]) -> list[int]:
+    """Pick the next token of every row. `logits` is [rows, vocab], float32, modified in place."""
+    _penalize(logits, rows)
+    greedy_rows = [i for i, r in enumerate(rows) if r.params.greedy]
+    out: list[int] = [0] * len(rows)
+    if greedy_rows:
+        picked = torch.argmax(logits[greedy_rows], dim=-1).tolist()
+        for i, tok in zip(greedy_rows, picked, strict=True):
+            out[i] = int(tok)
+    for i, row in enumerate(rows):
+        if row.params.greedy:
+            continue
+        p = row.params
+        scaled = _filter(logits[i] / p.temperature, p.top_k, p.top_p)
+        probs = torch.softmax(scaled, dim=-1)
+        out[i] = int(torch.multinomial(probs, 1, generator=row.generator).item())
+    return out

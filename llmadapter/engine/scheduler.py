@@ -1,0 +1,355 @@
+"""Continuous batching: one thread owns the model and decodes every running sequence together.
+
+Sequences join the running batch between decode steps (their prompts are prefilled as a group and
+their KV cache is merged in, left-padded) and leave it the step they finish, so a short request never
+waits for a long one and a new request never waits for the batch to drain.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from llmadapter.config import GenerationParams
+from llmadapter.engine.base import EngineStats
+from llmadapter.engine.sampling import RowSampler, choose_tokens
+from llmadapter.engine.stops import IncrementalDecoder, StopMatcher
+from llmadapter.errors import LLMAdapterError, OverloadedError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TokenInfo:
+    """One generated token with its log probability and the text offset where it starts."""
+
+    token_id: int
+    text: str
+    logprob: float
+    top: list[tuple[str, float]]
+    offset: int
+
+
+@dataclass
+class Sequence:
+    """One choice being generated: a prompt, its params and everything produced so far."""
+
+    prompt_ids: list[int]
+    params: GenerationParams
+    max_new_tokens: int
+    choice_index: int
+    sink: Callable[[Sequence, str, bool], None]
+    sampler: RowSampler
+    decoder: IncrementalDecoder
+    matcher: StopMatcher
+    generated: list[int] = field(default_factory=list)
+    tokens: list[TokenInfo] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: LLMAdapterError | None = None
+    cancelled: bool = False
+
+    @property
+    def text(self) -> str:
+        return self.matcher.final_text
+
+    def emitted_tokens(self) -> list[TokenInfo]:
+        """Tokens that start before the cut point (a stop string removes the tokens after it)."""
+        end = len(self.text)
+        return [t for t in self.tokens if t.offset < end or (t.offset == end and not t.text)]
+
+
+class _Batch:
+    """The running batch: left-padded KV cache, attention mask and the sequences in row order."""
+
+    def __init__(self) -> None:
+        self.seqs: list[Sequence] = []
+        self.cache: Any = None
+        self.mask: torch.Tensor | None = None
+        self.last_tokens: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+
+def _layers(cache: Any) -> list[Any]:
+    return list(cache.layers)
+
+
+def _returned_cache(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def _mergeable(cache: Any) -> bool:
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in _layers(cache))
+
+
+def _left_pad(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    if n == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = n
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+class Scheduler:
+    """Owns the model; a background thread admits, prefills and decodes sequences until closed."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        eos_ids: set[int],
+        max_batch_size: int,
+        max_queue: int,
+        stats: EngineStats,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.stats = stats
+        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids or {0}))
+        # transformers renamed `past_key_values` to `cache` (5.x); pass whichever this version takes.
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._waiting: deque[Sequence] = deque()
+        self._batch = _Batch()
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    # -- public -------------------------------------------------------------------------------
+
+    def submit(self, seqs: list[Sequence]) -> None:
+        with self._cv:
+            if self._closed:
+                raise LLMAdapterError("The engine is shut down.")
+            if len(self._waiting) + len(self._batch) + len(seqs) > self.max_queue:
+                raise OverloadedError(
+                    f"The server is busy: {len(self._waiting) + len(self._batch)} sequences queued or "
+                    f"running (limit {self.max_queue}). Retry shortly."
+                )
+            self._waiting.extend(seqs)
+            self.stats.queue_depth = len(self._waiting)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="llmadapter-scheduler", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+
+    def cancel(self, seqs: list[Sequence]) -> None:
+        with self._cv:
+            for seq in seqs:
+                seq.cancelled = True
+            self._cv.notify()
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    # -- loop ---------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closed and not self._waiting and not self._batch.seqs:
+                    self._cv.wait()
+                if self._closed:
+                    self._fail_all(LLMAdapterError("The engine shut down before the request finished."))
+                    return
+                admitted = self._admit()
+            try:
+                with torch.inference_mode():
+                    if admitted:
+                        self._prefill(admitted)
+                    self._drop_finished()
+                    if self._batch.seqs:
+                        self._decode_step()
+                        self._drop_finished()
+            except Exception as exc:  # one failing step must not kill the worker for later requests
+                log.exception("generation step failed")
+                err = exc if isinstance(exc, LLMAdapterError) else LLMAdapterError(f"Generation failed: {exc}")
+                for seq in [*self._batch.seqs, *admitted]:
+                    if seq.finish_reason is None:
+                        self._finish(seq, None, err)
+                self._batch = _Batch()
+            self.stats.running = len(self._batch)
+
+    def _admit(self) -> list[Sequence]:
+        admitted: list[Sequence] = []
+        if self._batch.seqs and self._batch.cache is not None and not _mergeable(self._batch.cache):
+            return admitted  # cache layout we cannot merge into: static batches only
+        room = self.max_batch_size - len(self._batch)
+        while self._waiting and room > 0:
+            seq = self._waiting.popleft()
+            if seq.cancelled:
+                self._finish(seq, None, None)
+                continue
+            admitted.append(seq)
+            room -= 1
+        self.stats.queue_depth = len(self._waiting)
+        return admitted
+
+    def _fail_all(self, err: LLMAdapterError) -> None:
+        for seq in [*self._waiting, *self._batch.seqs]:
+            if seq.finish_reason is None:
+                self._finish(seq, None, err)
+        self._waiting.clear()
+        self._batch = _Batch()
+
+    # -- model calls --------------------------------------------------------------------------
+
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        from transformers import DynamicCache
+
+        width = max(len(s.prompt_ids) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            n = len(seq.prompt_ids)
+            ids[row, width - n :] = torch.tensor(seq.prompt_ids, dtype=torch.long)
+            mask[row, width - n :] = 1
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_kw: cache},
+        )
+        self.stats.record_batch(len(seqs))
+        self.stats.prompt_tokens += sum(len(s.prompt_ids) for s in seqs)
+        logits = out.logits[:, -1, :].float()
+        self._merge(seqs, _returned_cache(out), mask)
+        self._advance(seqs, logits, offset=len(self._batch.seqs) - len(seqs))
+
+    def _merge(self, seqs: list[Sequence], cache: Any, mask: torch.Tensor) -> None:
+        batch = self._batch
+        if not batch.seqs:
+            batch.cache, batch.mask = cache, mask
+        else:
+            assert batch.mask is not None
+            old_len, new_len = batch.mask.shape[1], mask.shape[1]
+            width = max(old_len, new_len)
+            for old_layer, new_layer in zip(_layers(batch.cache), _layers(cache), strict=True):
+                old_layer.keys = torch.cat(
+                    [_left_pad(old_layer.keys, width - old_len, 2), _left_pad(new_layer.keys, width - new_len, 2)]
+                )
+                old_layer.values = torch.cat(
+                    [
+                        _left_pad(old_layer.values, width - old_len, 2),
+                        _left_pad(new_layer.values, width - new_len, 2),
+                    ]
+                )
+            batch.mask = torch.cat(
+                [_left_pad(batch.mask, width - old_len, 1), _left_pad(mask, width - new_len, 1)]
+            )
+        batch.seqs.extend(seqs)
+        batch.last_tokens.extend([self.pad_id] * len(seqs))
+
+    def _decode_step(self) -> None:
+        batch = self._batch
+        assert batch.mask is not None
+        positions = batch.mask.sum(dim=1, keepdim=True)
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch), 1))], dim=1)
+        ids = torch.tensor(batch.last_tokens, dtype=torch.long).unsqueeze(1)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=batch.mask,
+            position_ids=positions,
+            use_cache=True,
+            **{self._cache_kw: batch.cache},
+        )
+        self.stats.record_batch(len(batch))
+        batch.cache = _returned_cache(out)
+        self._advance(batch.seqs, out.logits[:, -1, :].float(), offset=0)
+
+    def _advance(self, seqs: list[Sequence], logits: torch.Tensor, offset: int) -> None:
+        """Choose and record the next token of each of `seqs` (rows offset.. of the batch)."""
+        want_logprobs = [i for i, s in enumerate(seqs) if s.params.logprobs]
+        logprobs = torch.log_softmax(logits[want_logprobs], dim=-1) if want_logprobs else None
+        tokens = choose_tokens(logits, [s.sampler for s in seqs])
+        for i, (seq, tok) in enumerate(zip(seqs, tokens, strict=True)):
+            self._batch.last_tokens[offset + i] = tok
+            info = None
+            if logprobs is not None and i in want_logprobs:
+                row = logprobs[want_logprobs.index(i)]
+                top: list[tuple[str, float]] = []
+                if seq.params.top_logprobs:
+                    values, idx = torch.topk(row, seq.params.top_logprobs)
+                    top = [(self._piece(int(t)), float(v)) for v, t in zip(values, idx, strict=True)]
+                info = TokenInfo(tok, self._piece(tok), float(row[tok]), top, len(seq.matcher.text))
+            self._record(seq, tok, info)
+
+    def _piece(self, token_id: int) -> str:
+        return str(self.tokenizer.decode([token_id], skip_special_tokens=False))
+
+    # -- bookkeeping --------------------------------------------------------------------------
+
+    def _record(self, seq: Sequence, tok: int, info: TokenInfo | None) -> None:
+        if seq.finish_reason is not None:
+            return
+        if seq.cancelled:
+            self._finish(seq, None, None)
+            return
+        if tok in self.eos_ids:
+            self._finish(seq, "stop", None, seq.matcher.feed(seq.decoder.flush()) + seq.matcher.finish())
+            return
+        seq.generated.append(tok)
+        seq.sampler.observe(tok)
+        self.stats.completion_tokens += 1
+        if info is not None:
+            seq.tokens.append(info)
+        out = seq.matcher.feed(seq.decoder.push(tok))
+        if seq.matcher.stopped_at is not None:
+            self._finish(seq, "stop", None, out)
+        elif len(seq.generated) >= seq.max_new_tokens:
+            out += seq.matcher.feed(seq.decoder.flush())
+            reason = "stop" if seq.matcher.stopped_at is not None else "length"
+            self._finish(seq, reason, None, out + seq.matcher.finish())
+        elif out or info is not None:
+            seq.sink(seq, out, False)
+
+    def _finish(self, seq: Sequence, reason: str | None, error: LLMAdapterError | None, out: str = "") -> None:
+        seq.finish_reason = reason or ("error" if error else "cancelled")
+        seq.error = error
+        seq.sink(seq, out, True)
+
+    def _drop_finished(self) -> None:
+        batch = self._batch
+        keep = [i for i, s in enumerate(batch.seqs) if s.finish_reason is None and not s.cancelled]
+        for i, seq in enumerate(batch.seqs):
+            if seq.cancelled and seq.finish_reason is None:
+                self._finish(seq, None, None)
+        if len(keep) == len(batch.seqs):
+            return
+        if not keep:
+            self._batch = _Batch()
+            return
+        index = torch.tensor(keep, dtype=torch.long)
+        assert batch.mask is not None
+        mask = batch.mask[index]
+        # Columns that are padding for every remaining row are dead weight in every later step.
+        first = int((mask.sum(dim=0) > 0).nonzero()[0])
+        for layer in _layers(batch.cache):
+            layer.keys = layer.keys[index, :, first:, :]
+            layer.values = layer.values[index, :, first:, :]
+        batch.mask = mask[:, first:]
+        batch.seqs = [batch.seqs[i] for i in keep]
+        batch.last_tokens = [batch.last_tokens[i] for i in keep]

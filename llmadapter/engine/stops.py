@@ -1,0 +1,95 @@
+"""Incremental detokenization and stop-string matching on the generated text only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class IncrementalDecoder:
+    """Turns a growing list of token ids into text deltas without splitting multi-byte characters.
+
+    Decodes a small window of recent ids (the approach of TGI and vLLM) so each step costs O(1)
+    instead of re-decoding the whole output; text ending in U+FFFD waits for the next token.
+    """
+
+    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True) -> None:
+        self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
+        self.ids: list[int] = []
+        self._prefix_offset = 0
+        self._read_offset = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return str(self._tokenizer.decode(ids, skip_special_tokens=self._skip))
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix_text = self._decode(self.ids[self._prefix_offset : self._read_offset])
+        new_text = self._decode(self.ids[self._prefix_offset :])
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            delta = new_text[len(prefix_text) :]
+            self._prefix_offset = self._read_offset
+            self._read_offset = len(self.ids)
+            return delta
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back at the end (an incomplete character decodes as U+FFFD)."""
+        prefix_text = self._decode(self.ids[self._prefix_offset : self._read_offset])
+        new_text = self._decode(self.ids[self._prefix_offset :])
+        self._prefix_offset = self._read_offset = len(self.ids)
+        return new_text[len(prefix_text) :] if len(new_text) > len(prefix_text) else ""
+
+
+@dataclass
+class StopMatcher:
+    """Finds the earliest stop string in the generated text and says how much text is safe to emit.
+
+    Text is emitted only up to the start of the longest suffix that is still a prefix of some stop
+    string, so a stream never shows text that a later token turns into a stop match.
+    """
+
+    stops: tuple[str, ...]
+    text: str = ""
+    emitted: int = 0
+    stopped_at: int | None = field(default=None)
+
+    def feed(self, delta: str) -> str:
+        """Add generated text; return the newly safe text (the cut text once a stop matches)."""
+        if self.stopped_at is not None:
+            return ""
+        start = max(0, len(self.text) - max((len(s) for s in self.stops), default=0) + 1)
+        self.text += delta
+        if self.stops:
+            hits = [i for s in self.stops if (i := self.text.find(s, start)) != -1]
+            if hits:
+                self.stopped_at = min(hits)
+                out = self.text[self.emitted : self.stopped_at]
+                self.emitted = self.stopped_at
+                return out
+        safe = len(self.text) - self._held_back()
+        out = self.text[self.emitted : safe]
+        self.emitted = max(self.emitted, safe)
+        return out
+
+    def _held_back(self) -> int:
+        longest = 0
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, len(self.text)), longest, -1):
+                if self.text.endswith(stop[:k]):
+                    longest = k
+                    break
+        return longest
+
+    def finish(self) -> str:
+        """End of generation without a stop match: release the held-back tail."""
+        if self.stopped_at is not None:
+            return ""
+        out = self.text[self.emitted :]
+        self.emitted = len(self.text)
+        return out
+
+    @property
+    def final_text(self) -> str:
+        return self.text if self.stopped_at is None else self.text[: self.stopped_at]
