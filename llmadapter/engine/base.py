@@ -59,8 +59,9 @@ class Engine(ABC):
     def run(self, requests: Sequence[BaseModel]) -> list[BaseModel]:
         """Answer several requests together (one batch where possible), each with its own params."""
 
-    def stream(self, request: BaseModel) -> Iterator[BaseModel]:
-        """Yield stream chunks for one request."""
+    def stream(self, request: BaseModel, *, include_usage: bool | None = None) -> Iterator[BaseModel]:
+        """Yield stream chunks for one request (a final usage chunk when include_usage, default: the
+        request's stream_options)."""
         raise InvalidRequestError(f"{self.inference_task} does not support streaming.", param="stream")
 
     @abstractmethod

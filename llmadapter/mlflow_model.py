@@ -1,0 +1,520 @@
+"""Save, log and load llm/v1 models: MLflow's Transformers-flavor artifact whose pyfunc is our engine.
+
+The artifact is written by `mlflow.transformers.save_model` (so MLflow tooling reads it as its own:
+`flavors.transformers.task`, `inference_task`, `metadata.task`), then the signature is extended with
+every parameter our engine accepts and the `python_function` flavor is pointed at this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import sys
+from collections.abc import Iterator, Mapping
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llmadapter.config import EmbeddingsConfig, ModelConfig, parse_model_config
+from llmadapter.errors import ConfigError, InvalidRequestError, LLMAdapterError
+from llmadapter.tasks import CHAT, EMBEDDINGS, TaskSpec, build_signature, get_task, resolve_task
+
+if TYPE_CHECKING:
+    from mlflow.models.model import ModelInfo
+
+    from llmadapter.engine.base import Engine
+
+log = logging.getLogger(__name__)
+
+FLAVOR_NAME = "transformers"
+EXTRAS_DIR = "llmadapter"  # our files inside the artifact: engine.json, tokenizer, pooling
+_ENGINE_FILE = "engine.json"
+_TOKENIZER_DIR = "tokenizer"
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+# Requirements of the loaded model. Explicit, because MLflow's defaults for the Transformers flavor
+# pull in torchvision, which has no CPU build here and breaks `mlflow models serve` environments.
+_REQUIREMENT_PACKAGES = (
+    "mlflow",
+    "transformers",
+    "torch",
+    "tokenizers",
+    "safetensors",
+    "accelerate",
+    "pydantic",
+    "numpy",
+    "pandas",
+)
+
+
+def default_pip_requirements(inference_task: str | None = None) -> list[str]:
+    """Pinned requirements of a logged model; never torchvision."""
+    reqs = []
+    packages = list(_REQUIREMENT_PACKAGES)
+    if inference_task == EMBEDDINGS:
+        packages.append("sentence-transformers")
+    for name in packages:
+        try:
+            version = importlib_metadata.version(name).split("+")[0]  # torch 2.13.0+cpu -> 2.13.0
+        except importlib_metadata.PackageNotFoundError:
+            continue
+        reqs.append(f"{name}=={version}")
+    return reqs
+
+
+# ---------------------------------------------------------------------------------------------
+# Save / log
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_pipeline(obj: Any) -> bool:
+    import transformers
+
+    return isinstance(obj, transformers.Pipeline)
+
+
+def _native_task_of(transformers_model: Any) -> str | None:
+    if _is_pipeline(transformers_model):
+        return str(transformers_model.task)
+    return None
+
+
+def _hub_reference(pipe: Any) -> tuple[str, str] | None:
+    """(repo id, commit sha) of a pipeline loaded from the hub cache, read locally, never from the hub."""
+    from mlflow.utils.huggingface_utils import is_valid_hf_repo_id
+
+    name = getattr(pipe.model, "name_or_path", None)
+    sha = getattr(pipe.model.config, "_commit_hash", None)
+    if name and sha and is_valid_hf_repo_id(name):
+        return str(name), str(sha)
+    return None
+
+
+@contextlib.contextmanager
+def _pinned_commit(repo: str, sha: str) -> Iterator[None]:
+    """MLflow asks the hub for the latest commit when save_pretrained=False (fails offline, and
+    records whatever `main` is now, not what was loaded). Answer with the snapshot's own sha."""
+    from mlflow.transformers import flavor_config
+
+    original = flavor_config.get_latest_commit_for_repo
+
+    def pinned(name: str) -> str:
+        return sha if name == repo else str(original(name))
+
+    flavor_config.get_latest_commit_for_repo = pinned
+    try:
+        yield
+    finally:
+        flavor_config.get_latest_commit_for_repo = original
+
+
+def _local_model_card(pipe: Any) -> Any:
+    """A model card from the local snapshot, so saving never fetches one from the hub."""
+    from huggingface_hub import ModelCard
+
+    folder = getattr(pipe.model, "name_or_path", "") if pipe is not None else ""
+    readme = Path(folder) / "README.md" if folder and Path(folder).is_dir() else None
+    if readme is None and pipe is not None and hasattr(pipe.model.config, "_commit_hash"):
+        with contextlib.suppress(Exception):
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(folder, "README.md", revision=pipe.model.config._commit_hash)
+            readme = Path(cached) if isinstance(cached, str) else None
+    text = readme.read_text(encoding="utf-8") if readme is not None and readme.is_file() else ""
+    return ModelCard(text)
+
+
+def _check_chat_template(tokenizer: Any) -> None:
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            "Task 'llm/v1/chat' needs a tokenizer with a chat template, and this one has none. "
+            "Set tokenizer.chat_template, or log with task='llm/v1/completions'.",
+            param="task",
+        )
+
+
+def _served_name(pipe: Any, hub: tuple[str, str] | None, fallback: str) -> str:
+    """The `model` field of responses: a hub id or a given name, never a local path."""
+    if hub is not None:
+        return hub[0]
+    name = str(getattr(getattr(pipe, "model", None), "name_or_path", "") or "")
+    if name and not os.path.isabs(name) and not Path(name).exists():
+        return name
+    return fallback
+
+
+def save_model(
+    transformers_model: Any,
+    path: str | os.PathLike[str],
+    *,
+    task: str | None = None,
+    model_config: Mapping[str, Any] | None = None,
+    input_example: Any = None,
+    signature: Any = None,
+    save_pretrained: bool = True,
+    pip_requirements: list[str] | str | None = None,
+    extra_pip_requirements: list[str] | str | None = None,
+    metadata: dict[str, Any] | None = None,
+    code_paths: list[str] | None = None,
+    mlflow_model: Any = None,
+    served_model_name: str | None = None,
+    native_pyfunc: bool = False,
+    torch_dtype: Any = None,
+) -> None:
+    """Write an llm/v1 model: MLflow's Transformers-flavor layout, answered by llmadapter's engine.
+
+    transformers_model: a transformers Pipeline, a dict of pipeline components, a local model folder,
+        or (for llm/v1/embeddings) a sentence-transformers model.
+    task: an llm/v1 task, or a native pipeline task (chat for text-generation, embeddings for
+        feature-extraction). Required for a local folder.
+    model_config: request defaults (validated now: unknown keys and out-of-range values raise).
+    save_pretrained: False stores a reference to the hub repo id and commit sha of the loaded snapshot
+        (read locally; nothing is asked of the hub) plus the tokenizer, instead of the weights.
+    native_pyfunc: keep MLflow's own llm/v1 pyfunc and signature (for comparison only).
+    """
+    import mlflow.transformers
+    from mlflow.models import Model
+
+    pipe, pooling, native = _as_pipeline(transformers_model, task)
+    native_task, spec = resolve_task(task, native)
+    config = parse_model_config(spec.inference_task, model_config)
+    if spec.inference_task == CHAT:
+        _check_chat_template(pipe.tokenizer)
+    if signature is not None and not native_pyfunc:
+        _check_signature(signature, spec)
+    hub = _hub_reference(pipe)
+    if not save_pretrained and hub is None:
+        raise ConfigError(
+            "save_pretrained=False stores a reference to a Hugging Face hub repository instead of the "
+            f"weights, but this model was loaded from '{pipe.model.name_or_path}', which is not a hub "
+            "snapshot (no repo id and commit sha). Its weights must be stored: use save_pretrained=True.",
+            param="save_pretrained",
+        )
+    mlflow_model = mlflow_model if mlflow_model is not None else Model()
+    path = Path(path).absolute()
+    reqs = pip_requirements if pip_requirements is not None else default_pip_requirements(spec.inference_task)
+    if native_pyfunc:
+        user_code = list(code_paths or [])
+    else:
+        user_code = [*(code_paths or []), str(_PACKAGE_DIR)]
+    stored_config = {k: v for k, v in config.model_dump(exclude_defaults=True).items()}
+    with _pinned_commit(*hub) if hub and not save_pretrained else contextlib.nullcontext():
+        mlflow.transformers.save_model(
+            transformers_model=pipe,
+            path=str(path),
+            task=spec.inference_task,
+            mlflow_model=mlflow_model,
+            input_example=input_example,
+            pip_requirements=reqs,
+            extra_pip_requirements=extra_pip_requirements,
+            metadata=metadata,
+            code_paths=user_code,
+            model_config=stored_config or None,
+            save_pretrained=save_pretrained,
+            model_card=_local_model_card(pipe),
+            torch_dtype=torch_dtype,
+        )
+    if native_pyfunc:
+        return
+    extras = path / EXTRAS_DIR
+    extras.mkdir(exist_ok=True)
+    # The tokenizer is stored even without weights, so in-memory edits (chat template) survive.
+    pipe.tokenizer.save_pretrained(extras / _TOKENIZER_DIR)
+    if pooling is not None:
+        from llmadapter.engine.embeddings import save_pooling
+
+        save_pooling(pooling, extras)
+    info = {
+        "inference_task": spec.inference_task,
+        "native_task": native_task,
+        "served_model_name": served_model_name or _served_name(pipe, hub, path.name),
+        "source_repo": hub[0] if hub else None,
+        "source_revision": hub[1] if hub else None,
+        "weights_stored": bool(save_pretrained),
+        "llmadapter_version": _version(),
+    }
+    (extras / _ENGINE_FILE).write_text(json.dumps(info, indent=2))
+    mlflow_model.signature = signature if signature is not None else build_signature(spec.inference_task)
+    pyfunc_conf = mlflow_model.flavors["python_function"]
+    pyfunc_conf["loader_module"] = __name__
+    mlflow_model.save(str(path / "MLmodel"))
+
+
+def _version() -> str:
+    try:
+        return importlib_metadata.version("llmadapter")
+    except importlib_metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def _check_signature(signature: Any, spec: TaskSpec) -> None:
+    """A user signature must keep every field of MLflow's llm/v1 signature (else requests lose fields)."""
+    from mlflow.transformers.llm_inference_utils import _SIGNATURE_FOR_LLM_INFERENCE_TASK
+
+    required = _SIGNATURE_FOR_LLM_INFERENCE_TASK[spec.inference_task].inputs.input_names()
+    missing = [name for name in required if name not in signature.inputs.input_names()]
+    if missing:
+        raise ConfigError(
+            f"The signature lacks fields of the {spec.inference_task} request: {', '.join(missing)}. "
+            "Leave signature=None to use the full one.",
+            param="signature",
+        )
+
+
+def _as_pipeline(obj: Any, task: str | None) -> tuple[Any, Any, str | None]:
+    """(pipeline, pooling spec or None, the pipeline's own task) for every accepted model form."""
+    import transformers
+
+    if task == EMBEDDINGS or _is_sentence_transformer(obj) or (
+        _is_pipeline(obj) and obj.task in get_task(EMBEDDINGS).native_tasks
+    ):
+        from llmadapter.engine.embeddings import prepare_embedding_model
+
+        pipe, pooling = prepare_embedding_model(obj)
+        return pipe, pooling, str(pipe.task)
+    if _is_pipeline(obj):
+        return obj, None, str(obj.task)
+    if isinstance(obj, dict):
+        if "model" not in obj:
+            raise ConfigError("A dict of components needs a 'model' entry.", param="transformers_model")
+        if task is None:
+            native = None
+        else:
+            native = get_task(task).default_native_task if task.startswith("llm/v1") else task
+        pipe = transformers.pipeline(task=native, **obj)
+        return pipe, None, str(pipe.task)
+    if isinstance(obj, str | os.PathLike):
+        folder = Path(obj)
+        if not (folder / "config.json").is_file():
+            raise ConfigError(
+                f"'{folder}' is not a Transformers model folder (no config.json).", param="transformers_model"
+            )
+        if task is None:
+            raise ConfigError("Logging a model folder needs task=... (e.g. 'llm/v1/chat').", param="task")
+        native = get_task(task).default_native_task if task.startswith("llm/v1") else task
+        log.info("Logging the local folder %s: its weights are copied into the MLflow artifact.", folder)
+        pipe = transformers.pipeline(task=native, model=str(folder), tokenizer=str(folder))
+        return pipe, None, str(pipe.task)
+    raise ConfigError(
+        "transformers_model must be a transformers Pipeline, a dict of pipeline components, a local "
+        f"model folder or a sentence-transformers model; got {type(obj).__name__}.",
+        param="transformers_model",
+    )
+
+
+def _is_sentence_transformer(obj: Any) -> bool:
+    return type(obj).__name__ == "SentenceTransformer" and "sentence_transformers" in type(obj).__module__
+
+
+def log_model(
+    transformers_model: Any,
+    name: str | None = None,
+    *,
+    task: str | None = None,
+    model_config: Mapping[str, Any] | None = None,
+    input_example: Any = None,
+    signature: Any = None,
+    save_pretrained: bool = True,
+    registered_model_name: str | None = None,
+    pip_requirements: list[str] | str | None = None,
+    extra_pip_requirements: list[str] | str | None = None,
+    metadata: dict[str, Any] | None = None,
+    code_paths: list[str] | None = None,
+    served_model_name: str | None = None,
+    native_pyfunc: bool = False,
+    await_registration_for: int = 300,
+    **log_kwargs: Any,
+) -> ModelInfo:
+    """Log an llm/v1 model to the active MLflow run (see save_model for the arguments)."""
+    from mlflow.models import Model
+
+    return Model.log(
+        artifact_path=None,
+        name=name or "model",
+        flavor=sys.modules[__name__],
+        registered_model_name=registered_model_name,
+        await_registration_for=await_registration_for,
+        metadata=metadata,
+        transformers_model=transformers_model,
+        task=task,
+        model_config=model_config,
+        input_example=input_example,
+        signature=signature,
+        save_pretrained=save_pretrained,
+        pip_requirements=pip_requirements,
+        extra_pip_requirements=extra_pip_requirements,
+        code_paths=code_paths,
+        served_model_name=served_model_name,
+        native_pyfunc=native_pyfunc,
+        **log_kwargs,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Load
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_extras(path: Path) -> dict[str, Any]:
+    file = path / EXTRAS_DIR / _ENGINE_FILE
+    if not file.is_file():
+        raise LLMAdapterError(f"{path} was not saved by llmadapter (no {EXTRAS_DIR}/{_ENGINE_FILE}).")
+    data: dict[str, Any] = json.loads(file.read_text())
+    return data
+
+
+def _load_components(path: Path, flavor: Mapping[str, Any]) -> tuple[Any, Any]:
+    import torch
+    import transformers
+
+    model_cls = getattr(transformers, str(flavor.get("pipeline_model_type", "")), None)
+    if model_cls is None:
+        model_cls = transformers.AutoModel
+    dtype: Any = None
+    if flavor.get("torch_dtype"):
+        dtype = getattr(torch, str(flavor["torch_dtype"]).removeprefix("torch."), None)
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    if "model_binary" in flavor:
+        model = model_cls.from_pretrained(str(path / flavor["model_binary"]), **kwargs)
+    else:
+        # Weights by reference: the pinned commit from the local Hugging Face cache (or the hub).
+        model = model_cls.from_pretrained(
+            flavor["source_model_name"], revision=flavor["source_model_revision"], **kwargs
+        )
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path / EXTRAS_DIR / _TOKENIZER_DIR))
+    return model, tokenizer
+
+
+def build_engine(path: str | os.PathLike[str], *, model_config: Mapping[str, Any] | None = None,
+                 model_name: str | None = None) -> Engine:
+    """An engine for a local llmadapter artifact folder; model_config overrides the stored one."""
+    from mlflow.models import Model
+
+    path = Path(path)
+    mlmodel = Model.load(str(path / "MLmodel"))
+    flavor = mlmodel.flavors[FLAVOR_NAME]
+    extras = _read_extras(path)
+    spec = get_task(extras["inference_task"])
+    stored = dict(mlmodel.flavors.get("python_function", {}).get("model_config") or {})
+    stored.update(model_config or {})
+    config = parse_model_config(spec.inference_task, stored)
+    name = model_name or extras["served_model_name"]
+    model, tokenizer = _load_components(path, flavor)
+    if spec.inference_task == EMBEDDINGS:
+        from llmadapter.engine.embeddings import EmbeddingEngine, load_pooling
+
+        assert isinstance(config, EmbeddingsConfig)
+        return EmbeddingEngine(model, tokenizer, load_pooling(path / EXTRAS_DIR), config=config, model_name=name)
+    from llmadapter.engine.generation import GenerationEngine
+
+    assert isinstance(config, ModelConfig)
+    return GenerationEngine(model, tokenizer, spec=spec, config=config, model_name=name)
+
+
+def _registered_name(model_uri: str) -> str | None:
+    if model_uri.startswith("models:/"):
+        rest = model_uri[len("models:/") :]
+        return rest.split("@")[0].split("/")[0] or None
+    return None
+
+
+def load_engine(model_uri: str, *, model_name: str | None = None,
+                model_config: Mapping[str, Any] | None = None) -> Engine:
+    """Download (if remote) and load an llmadapter model by URI (models:/, runs:/, a path)."""
+    from mlflow.artifacts import download_artifacts
+
+    local = model_uri if os.path.isdir(model_uri) else download_artifacts(artifact_uri=model_uri)
+    return build_engine(local, model_config=model_config, model_name=model_name or _registered_name(model_uri))
+
+
+# ---------------------------------------------------------------------------------------------
+# pyfunc
+# ---------------------------------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    """DataFrame cells back to JSON-like Python: numpy arrays -> lists, NaN/None -> None."""
+    import numpy as np
+
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()]
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items() if _plain(v) is not None}
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def _rows(data: Any) -> list[dict[str, Any]]:
+    import pandas as pd
+
+    if isinstance(data, pd.DataFrame):
+        records = data.to_dict(orient="records")
+    elif isinstance(data, Mapping):
+        records = [dict(data)]
+    elif isinstance(data, list) and all(isinstance(r, Mapping) for r in data):
+        records = [dict(r) for r in data]
+    else:
+        raise InvalidRequestError(
+            f"Expected an OpenAI request dict, a list of them or a DataFrame; got {type(data).__name__}.",
+            param=None,
+        )
+    out = []
+    for record in records:
+        row = {str(k): _plain(v) for k, v in record.items()}
+        out.append({k: v for k, v in row.items() if v is not None})
+    return out
+
+
+class LLMAdapterPyfunc:
+    """What `mlflow.pyfunc.load_model` returns the predict calls to: OpenAI dicts in, OpenAI dicts out."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def get_raw_model(self) -> Engine:
+        return self.engine
+
+    def _requests(self, data: Any, params: Mapping[str, Any] | None) -> list[Any]:
+        defaults = {k: v for k, v in (params or {}).items() if v is not None}
+        rows = _rows(data)
+        if self.engine.inference_task == EMBEDDINGS and len(rows) > 1 and all(set(r) <= {"input"} for r in rows):
+            # A list of texts arrives as one row per text after MLflow's schema enforcement.
+            rows = [{"input": [r["input"] for r in rows]}]
+        requests = []
+        for row in rows:
+            row.pop("stream", None)  # predict answers whole; predict_stream streams
+            if self.engine.inference_task != EMBEDDINGS:
+                row.pop("custom_inputs", None)
+            requests.append(self.engine.parse({**defaults, **row}))
+        return requests
+
+    def predict(self, data: Any, params: Mapping[str, Any] | None = None) -> Any:
+        requests = self._requests(data, params)
+        responses = [r.model_dump(exclude_none=True) for r in self.engine.run(requests)]
+        return responses[0] if len(responses) == 1 else responses
+
+    def predict_stream(self, data: Any, params: Mapping[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+        requests = self._requests(data, params)
+        if len(requests) != 1:
+            raise InvalidRequestError("predict_stream takes exactly one request.", param=None)
+        request = requests[0]
+        include_usage = True
+        options = getattr(request, "stream_options", None)
+        if options is not None:
+            include_usage = bool(options.include_usage)
+            request = request.model_copy(update={"stream_options": None})
+        for chunk in self.engine.stream(request, include_usage=include_usage):
+            yield chunk.model_dump(exclude_none=True)
+
+
+def _load_pyfunc(path: str, model_config: Mapping[str, Any] | None = None) -> LLMAdapterPyfunc:
+    """MLflow's pyfunc loader hook (python_function.loader_module points here)."""
+    return LLMAdapterPyfunc(build_engine(path, model_config=model_config))
