@@ -1,0 +1,39 @@
+# One command to set up, one to run the embedded default, one to test. See README.md.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE ?= 1
+export DO_NOT_TRACK ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup run test lint bench clean
+
+setup: $(BIN)/llmadapter
+
+$(BIN)/llmadapter: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The local CPU build of torch; pyproject's range (<2.14) keeps pip from fetching CUDA wheels.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(BIN)/llmadapter
+
+run: setup
+	$(BIN)/python -m flows.demo
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest -q
+
+bench: setup
+	$(BIN)/python bench/predict.py
+	$(BIN)/python bench/embeddings.py
+	$(BIN)/python bench/serving.py --quick
+	$(BIN)/python bench/flow.py
+
+clean:
+	rm -rf .llmadapter .pytest_cache .mypy_cache .ruff_cache
