@@ -1,4 +1,4 @@
-"""pyfunc predict latency and batch throughput: our engine vs MLflow's native llm/v1 pyfunc vs bare pipeline().
+"""pyfunc predict latency and batch throughput: ours vs MLflow's native llm/v1 pyfunc vs bare pipeline().
 
     python bench/predict.py [--model tiny|smollm2|both] [--tokens 32] [--batch 32] [--repeats 3]
 
@@ -101,7 +101,9 @@ def bench(kind: str, tokens: int, batch: int, repeats: int, data_dir: Path) -> d
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", choices=["tiny", "smollm2", "both"], default="both")
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--batch", type=int, default=32)
@@ -116,12 +118,20 @@ def main() -> None:
         r = bench(kind, args.tokens, args.batch, args.repeats, args.data_dir)
         print(f"\n== {kind}: {args.tokens} new tokens, greedy")
         print(f"batch 1 latency   bare pipeline()   {r['bare_s'] * 1000:8.1f} ms")
-        print(f"                  ours (pyfunc)     {r['ours_s'] * 1000:8.1f} ms   "
-              f"overhead {100 * (r['ours_s'] / r['bare_s'] - 1):+.1f}% vs bare (target <= +10%)")
-        print(f"                  mlflow native     {r['native_s'] * 1000:8.1f} ms   "
-              f"ours is {r['native_s'] / r['ours_s']:.2f}x faster (native sampled {r['native_tokens']} tokens)")
-        print(f"batch {args.batch} in one predict {r['batch_tok_s']:8.1f} tok/s vs sequential "
-              f"{r['sequential_tok_s']:.1f} tok/s: {r['batch_tok_s'] / r['sequential_tok_s']:.1f}x (target >= 5x)")
+        print(
+            f"                  ours (pyfunc)     {r['ours_s'] * 1000:8.1f} ms   "
+            f"overhead {100 * (r['ours_s'] / r['bare_s'] - 1):+.1f}% vs bare (target <= +10%)"
+        )
+        print(
+            f"                  mlflow native     {r['native_s'] * 1000:8.1f} ms   "
+            f"ours is {r['native_s'] / r['ours_s']:.2f}x faster "
+            f"(native sampled {r['native_tokens']} tokens)"
+        )
+        print(
+            f"batch {args.batch} in one predict {r['batch_tok_s']:8.1f} tok/s vs sequential "
+            f"{r['sequential_tok_s']:.1f} tok/s: "
+            f"{r['batch_tok_s'] / r['sequential_tok_s']:.1f}x (target >= 5x)"
+        )
 
 
 if __name__ == "__main__":

@@ -1,14 +1,14 @@
 """The one exception tree of llmadapter; every error maps to an HTTP status and an OpenAI error JSON.
 
-    LLMAdapterError                    500  server_error
-    ├── InvalidRequestError            400  invalid_request_error   (bad parameter value; names `param`)
-    │   └── ContextLengthError         400  invalid_request_error   code=context_length_exceeded
-    ├── AuthenticationError            401  authentication_error
-    ├── NotFoundError                  404  not_found_error         (unknown model or route for a task)
-    ├── OverloadedError                429  rate_limit_error        (queue full; carries retry_after)
-    ├── ConfigError                    400  invalid_request_error   (bad model_config / log arguments)
-    ├── ModelSourceError               400  invalid_request_error   (a source that cannot be resolved)
-    └── ValidationFailedError          422  validation_error        (a logged model failed validation)
+LLMAdapterError                    500  server_error
+├── InvalidRequestError            400  invalid_request_error   (bad parameter value; names `param`)
+│   └── ContextLengthError         400  invalid_request_error   code=context_length_exceeded
+├── AuthenticationError            401  authentication_error
+├── NotFoundError                  404  not_found_error         (unknown model or route for a task)
+├── OverloadedError                429  rate_limit_error        (queue full; carries retry_after)
+├── ConfigError                    400  invalid_request_error   (bad model_config / log arguments)
+├── ModelSourceError               400  invalid_request_error   (a source that cannot be resolved)
+└── ValidationFailedError          422  validation_error        (a logged model failed validation)
 """
 
 from __future__ import annotations

@@ -196,10 +196,8 @@ def save_model(
     mlflow_model = mlflow_model if mlflow_model is not None else Model()
     path = Path(path).absolute()
     reqs = pip_requirements if pip_requirements is not None else default_pip_requirements(spec.inference_task)
-    if native_pyfunc:
-        user_code = list(code_paths or [])
-    else:
-        user_code = [*(code_paths or []), str(_PACKAGE_DIR)]
+    # Our code travels with the model so a fresh environment loads the same engine.
+    user_code = [*(code_paths or []), *([] if native_pyfunc else [str(_PACKAGE_DIR)])]
     stored_config = {k: v for k, v in config.model_dump(exclude_defaults=True).items()}
     with _pinned_commit(*hub) if hub and not save_pretrained else contextlib.nullcontext():
         mlflow.transformers.save_model(
@@ -268,8 +266,10 @@ def _as_pipeline(obj: Any, task: str | None) -> tuple[Any, Any, str | None]:
     """(pipeline, pooling spec or None, the pipeline's own task) for every accepted model form."""
     import transformers
 
-    if task == EMBEDDINGS or _is_sentence_transformer(obj) or (
-        _is_pipeline(obj) and obj.task in get_task(EMBEDDINGS).native_tasks
+    if (
+        task == EMBEDDINGS
+        or _is_sentence_transformer(obj)
+        or (_is_pipeline(obj) and obj.task in get_task(EMBEDDINGS).native_tasks)
     ):
         from llmadapter.engine.embeddings import prepare_embedding_model
 
@@ -388,8 +388,12 @@ def _load_components(path: Path, flavor: Mapping[str, Any]) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def build_engine(path: str | os.PathLike[str], *, model_config: Mapping[str, Any] | None = None,
-                 model_name: str | None = None) -> Engine:
+def build_engine(
+    path: str | os.PathLike[str],
+    *,
+    model_config: Mapping[str, Any] | None = None,
+    model_name: str | None = None,
+) -> Engine:
     """An engine for a local llmadapter artifact folder; model_config overrides the stored one."""
     from mlflow.models import Model
 
@@ -407,7 +411,9 @@ def build_engine(path: str | os.PathLike[str], *, model_config: Mapping[str, Any
         from llmadapter.engine.embeddings import EmbeddingEngine, load_pooling
 
         assert isinstance(config, EmbeddingsConfig)
-        return EmbeddingEngine(model, tokenizer, load_pooling(path / EXTRAS_DIR), config=config, model_name=name)
+        return EmbeddingEngine(
+            model, tokenizer, load_pooling(path / EXTRAS_DIR), config=config, model_name=name
+        )
     from llmadapter.engine.generation import GenerationEngine
 
     assert isinstance(config, ModelConfig)
@@ -421,13 +427,16 @@ def _registered_name(model_uri: str) -> str | None:
     return None
 
 
-def load_engine(model_uri: str, *, model_name: str | None = None,
-                model_config: Mapping[str, Any] | None = None) -> Engine:
+def load_engine(
+    model_uri: str, *, model_name: str | None = None, model_config: Mapping[str, Any] | None = None
+) -> Engine:
     """Download (if remote) and load an llmadapter model by URI (models:/, runs:/, a path)."""
     from mlflow.artifacts import download_artifacts
 
     local = model_uri if os.path.isdir(model_uri) else download_artifacts(artifact_uri=model_uri)
-    return build_engine(local, model_config=model_config, model_name=model_name or _registered_name(model_uri))
+    return build_engine(
+        local, model_config=model_config, model_name=model_name or _registered_name(model_uri)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -485,7 +494,11 @@ class LLMAdapterPyfunc:
     def _requests(self, data: Any, params: Mapping[str, Any] | None) -> list[Any]:
         defaults = {k: v for k, v in (params or {}).items() if v is not None}
         rows = _rows(data)
-        if self.engine.inference_task == EMBEDDINGS and len(rows) > 1 and all(set(r) <= {"input"} for r in rows):
+        if (
+            self.engine.inference_task == EMBEDDINGS
+            and len(rows) > 1
+            and all(set(r) <= {"input"} for r in rows)
+        ):
             # A list of texts arrives as one row per text after MLflow's schema enforcement.
             rows = [{"input": [r["input"] for r in rows]}]
         requests = []

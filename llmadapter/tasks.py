@@ -128,8 +128,7 @@ def resolve_task(task: str | None, native_task: str | None) -> tuple[str, TaskSp
                 param="task",
             )
         return native, spec
-    native = task or native_task
-    assert native is not None
+    native = str(task or native_task)
     if native_task is not None and task is not None and task != native_task:
         raise ConfigError(
             f"task='{task}' does not match the pipeline's own task '{native_task}'.", param="task"

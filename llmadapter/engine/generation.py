@@ -100,6 +100,11 @@ def _context_window(model: Any, config: ModelConfig) -> int:
     )
 
 
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 class GenerationEngine(Engine):
     """Answers llm/v1/chat or llm/v1/completions requests with a continuously batched model."""
 
@@ -149,9 +154,7 @@ class GenerationEngine(Engine):
         kwargs: dict[str, Any] = {}
         if req.tools and req.tool_choice != "none":
             if not self._template_has_tools:
-                raise InvalidRequestError(
-                    "This model's chat template does not support tools.", param="tools"
-                )
+                raise InvalidRequestError("This model's chat template does not support tools.", param="tools")
             if req.tool_choice not in (None, "auto"):
                 raise InvalidRequestError(
                     "Only tool_choice 'auto' or 'none' is supported: the engine cannot force a tool call.",
@@ -163,7 +166,9 @@ class GenerationEngine(Engine):
                 [m.to_template() for m in req.messages], tokenize=False, add_generation_prompt=True, **kwargs
             )
         except Exception as exc:  # jinja raises for conversations the template refuses
-            raise InvalidRequestError(f"The chat template rejected the messages: {exc}", param="messages") from None
+            raise InvalidRequestError(
+                f"The chat template rejected the messages: {exc}", param="messages"
+            ) from None
         # The template already wrote any BOS it wants: adding special tokens again would double it.
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return list(ids), str(text)
@@ -286,14 +291,18 @@ class GenerationEngine(Engine):
                     index=s.choice_index,
                     text=echo + s.text,
                     finish_reason=cast(Any, s.finish_reason),
-                    logprobs=self._completion_logprobs(s.emitted_tokens(), len(echo)) if job.params.logprobs else None,
+                    logprobs=self._completion_logprobs(s.emitted_tokens(), len(echo))
+                    if job.params.logprobs
+                    else None,
                 )
             )
         return CompletionResponse(
             id=job.id, created=job.created, model=self.model_name, choices=choices, usage=job.usage()
         )
 
-    def _chunks(self, job: _Job, seq: Seq, out: str, finished: bool, first: bool, sent: int) -> list[BaseModel]:
+    def _chunks(
+        self, job: _Job, seq: Seq, out: str, finished: bool, first: bool, sent: int
+    ) -> list[BaseModel]:
         """Chunks for one scheduler event; `sent` is how many of seq.tokens were already reported."""
         tokens = seq.tokens[sent:] if job.params.logprobs else []
         if finished:
@@ -303,10 +312,12 @@ class GenerationEngine(Engine):
         if isinstance(job.request, ChatCompletionRequest):
             chunks: list[BaseModel] = []
             if first:
-                chunks.append(self._chat_chunk(job, seq, DeltaMessage(role="assistant", content=""), None, None))
+                chunks.append(
+                    self._chat_chunk(job, seq, DeltaMessage(role="assistant", content=""), None, None)
+                )
             if out or tokens:
-                logprobs = self._chat_logprobs(tokens) if tokens else None
-                chunks.append(self._chat_chunk(job, seq, DeltaMessage(content=out), None, logprobs))
+                chat_logprobs = self._chat_logprobs(tokens) if tokens else None
+                chunks.append(self._chat_chunk(job, seq, DeltaMessage(content=out), None, chat_logprobs))
             if finished:
                 chunks.append(self._chat_chunk(job, seq, DeltaMessage(), reason, None))
             return chunks
@@ -328,7 +339,9 @@ class GenerationEngine(Engine):
             return ChatCompletionChunk(
                 id=job.id, created=job.created, model=self.model_name, choices=[], usage=job.usage()
             )
-        return CompletionChunk(id=job.id, created=job.created, model=self.model_name, choices=[], usage=job.usage())
+        return CompletionChunk(
+            id=job.id, created=job.created, model=self.model_name, choices=[], usage=job.usage()
+        )
 
     # -- sync API (pyfunc) ---------------------------------------------------------------------
 
@@ -389,7 +402,7 @@ class GenerationEngine(Engine):
             if finished:
                 job.remaining -= 1
                 if job.remaining == 0:
-                    loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+                    loop.call_soon_threadsafe(_resolve, done)
 
         self._launch(job, on_event)
         try:

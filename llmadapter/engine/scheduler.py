@@ -120,7 +120,9 @@ class Scheduler:
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.stats = stats
-        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids or {0}))
+        self.pad_id = int(
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids or {0})
+        )
         # transformers renamed `past_key_values` to `cache` (5.x); pass whichever this version takes.
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -182,7 +184,9 @@ class Scheduler:
                         self._drop_finished()
             except Exception as exc:  # one failing step must not kill the worker for later requests
                 log.exception("generation step failed")
-                err = exc if isinstance(exc, LLMAdapterError) else LLMAdapterError(f"Generation failed: {exc}")
+                err = (
+                    exc if isinstance(exc, LLMAdapterError) else LLMAdapterError(f"Generation failed: {exc}")
+                )
                 for seq in [*self._batch.seqs, *admitted]:
                     if seq.finish_reason is None:
                         self._finish(seq, None, err)
@@ -249,7 +253,10 @@ class Scheduler:
             width = max(old_len, new_len)
             for old_layer, new_layer in zip(_layers(batch.cache), _layers(cache), strict=True):
                 old_layer.keys = torch.cat(
-                    [_left_pad(old_layer.keys, width - old_len, 2), _left_pad(new_layer.keys, width - new_len, 2)]
+                    [
+                        _left_pad(old_layer.keys, width - old_len, 2),
+                        _left_pad(new_layer.keys, width - new_len, 2),
+                    ]
                 )
                 old_layer.values = torch.cat(
                     [
@@ -326,7 +333,9 @@ class Scheduler:
         elif out or info is not None:
             seq.sink(seq, out, False)
 
-    def _finish(self, seq: Sequence, reason: str | None, error: LLMAdapterError | None, out: str = "") -> None:
+    def _finish(
+        self, seq: Sequence, reason: str | None, error: LLMAdapterError | None, out: str = ""
+    ) -> None:
         seq.finish_reason = reason or ("error" if error else "cancelled")
         seq.error = error
         seq.sink(seq, out, True)
@@ -334,7 +343,7 @@ class Scheduler:
     def _drop_finished(self) -> None:
         batch = self._batch
         keep = [i for i, s in enumerate(batch.seqs) if s.finish_reason is None and not s.cancelled]
-        for i, seq in enumerate(batch.seqs):
+        for seq in batch.seqs:
             if seq.cancelled and seq.finish_reason is None:
                 self._finish(seq, None, None)
         if len(keep) == len(batch.seqs):
