@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from mlflow.models.model import ModelInfo
 
     from llmadapter.engine.base import Engine
+    from llmadapter.source import ResolvedSource
 
 log = logging.getLogger(__name__)
 
@@ -82,15 +83,14 @@ def _native_task_of(transformers_model: Any) -> str | None:
     return None
 
 
-def _hub_reference(pipe: Any) -> tuple[str, str] | None:
-    """(repo id, commit sha) of a pipeline loaded from the hub cache, read locally, never from the hub."""
-    from mlflow.utils.huggingface_utils import is_valid_hf_repo_id
+def _hub_reference(pipe: Any, source: ResolvedSource | None) -> tuple[str, str] | None:
+    """(repo id, commit sha) of a model loaded from the hub cache, read locally, never from the hub."""
+    if source is not None:
+        return (source.repo_id, source.revision) if source.kind == "hub" and source.repo_id else None
+    from llmadapter.source import cached_hub_commit
 
     name = getattr(pipe.model, "name_or_path", None)
-    sha = getattr(pipe.model.config, "_commit_hash", None)
-    if name and sha and is_valid_hf_repo_id(name):
-        return str(name), str(sha)
-    return None
+    return cached_hub_commit(name) if name else None
 
 
 @contextlib.contextmanager
@@ -136,10 +136,12 @@ def _check_chat_template(tokenizer: Any) -> None:
         )
 
 
-def _served_name(pipe: Any, hub: tuple[str, str] | None, fallback: str) -> str:
+def _served_name(pipe: Any, hub: tuple[str, str] | None, source: ResolvedSource | None, fallback: str) -> str:
     """The `model` field of responses: a hub id or a given name, never a local path."""
     if hub is not None:
         return hub[0]
+    if source is not None and source.gguf_file is not None:
+        return source.gguf_file.stem
     name = str(getattr(getattr(pipe, "model", None), "name_or_path", "") or "")
     if name and not os.path.isabs(name) and not Path(name).exists():
         return name
@@ -178,14 +180,14 @@ def save_model(
     import mlflow.transformers
     from mlflow.models import Model
 
-    pipe, pooling, native = _as_pipeline(transformers_model, task)
+    pipe, pooling, native, source = _as_pipeline(transformers_model, task)
     native_task, spec = resolve_task(task, native)
     config = parse_model_config(spec.inference_task, model_config)
     if spec.inference_task == CHAT:
         _check_chat_template(pipe.tokenizer)
     if signature is not None and not native_pyfunc:
         _check_signature(signature, spec)
-    hub = _hub_reference(pipe)
+    hub = _hub_reference(pipe, source)
     if not save_pretrained and hub is None:
         raise ConfigError(
             "save_pretrained=False stores a reference to a Hugging Face hub repository instead of the "
@@ -228,9 +230,11 @@ def save_model(
     info = {
         "inference_task": spec.inference_task,
         "native_task": native_task,
-        "served_model_name": served_model_name or _served_name(pipe, hub, path.name),
+        "served_model_name": served_model_name or _served_name(pipe, hub, source, path.name),
+        "source": source.source if source else None,
+        "source_kind": source.kind if source else ("hub" if hub else None),
         "source_repo": hub[0] if hub else None,
-        "source_revision": hub[1] if hub else None,
+        "source_revision": source.revision if source else (hub[1] if hub else None),
         "weights_stored": bool(save_pretrained),
         "llmadapter_version": _version(),
     }
@@ -262,10 +266,24 @@ def _check_signature(signature: Any, spec: TaskSpec) -> None:
         )
 
 
-def _as_pipeline(obj: Any, task: str | None) -> tuple[Any, Any, str | None]:
-    """(pipeline, pooling spec or None, the pipeline's own task) for every accepted model form."""
+def _as_pipeline(obj: Any, task: str | None) -> tuple[Any, Any, str | None, ResolvedSource | None]:
+    """(pipeline, pooling spec or None, the pipeline's own task, resolved source) for every model form."""
     import transformers
 
+    source = None
+    if isinstance(obj, str | os.PathLike):
+        from llmadapter.source import resolve_source
+
+        if task is None:
+            raise ConfigError("Logging a model by source needs task=... (e.g. 'llm/v1/chat').", param="task")
+        source = resolve_source(str(obj))
+        if source.kind == "hub":
+            assert source.repo_id is not None
+            # Loaded by repo id at the pinned sha, so save_pretrained=False can reference it.
+            obj = {"model": source.repo_id, "revision": source.revision}
+        else:
+            log.info("Logging %s: its weights are copied into the MLflow artifact.", source.local_dir)
+            obj = {"model": str(source.local_dir)}
     if (
         task == EMBEDDINGS
         or _is_sentence_transformer(obj)
@@ -273,10 +291,12 @@ def _as_pipeline(obj: Any, task: str | None) -> tuple[Any, Any, str | None]:
     ):
         from llmadapter.engine.embeddings import prepare_embedding_model
 
+        if isinstance(obj, dict):
+            obj = transformers.pipeline("feature-extraction", **obj)
         pipe, pooling = prepare_embedding_model(obj)
-        return pipe, pooling, str(pipe.task)
+        return pipe, pooling, str(pipe.task), source
     if _is_pipeline(obj):
-        return obj, None, str(obj.task)
+        return obj, None, str(obj.task), source
     if isinstance(obj, dict):
         if "model" not in obj:
             raise ConfigError("A dict of components needs a 'model' entry.", param="transformers_model")
@@ -285,22 +305,11 @@ def _as_pipeline(obj: Any, task: str | None) -> tuple[Any, Any, str | None]:
         else:
             native = get_task(task).default_native_task if task.startswith("llm/v1") else task
         pipe = transformers.pipeline(task=native, **obj)
-        return pipe, None, str(pipe.task)
-    if isinstance(obj, str | os.PathLike):
-        folder = Path(obj)
-        if not (folder / "config.json").is_file():
-            raise ConfigError(
-                f"'{folder}' is not a Transformers model folder (no config.json).", param="transformers_model"
-            )
-        if task is None:
-            raise ConfigError("Logging a model folder needs task=... (e.g. 'llm/v1/chat').", param="task")
-        native = get_task(task).default_native_task if task.startswith("llm/v1") else task
-        log.info("Logging the local folder %s: its weights are copied into the MLflow artifact.", folder)
-        pipe = transformers.pipeline(task=native, model=str(folder), tokenizer=str(folder))
-        return pipe, None, str(pipe.task)
+        return pipe, None, str(pipe.task), source
     raise ConfigError(
         "transformers_model must be a transformers Pipeline, a dict of pipeline components, a local "
-        f"model folder or a sentence-transformers model; got {type(obj).__name__}.",
+        "model folder, a hub id (org/name@revision), a .gguf file or a sentence-transformers model; "
+        f"got {type(obj).__name__}.",
         param="transformers_model",
     )
 
