@@ -1,0 +1,133 @@
+"""Continuous batching: sequences that join and leave a running batch get their solo answers."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import transformers
+
+from llmadapter.config import ModelConfig
+from llmadapter.engine.generation import GenerationEngine
+from llmadapter.errors import OverloadedError
+from llmadapter.protocol import ChatCompletionRequest, CompletionRequest, parse_request
+from llmadapter.tasks import get_task
+
+
+def _engine(folder: Path, task: str = "llm/v1/completions", **config: object) -> GenerationEngine:
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    return GenerationEngine(
+        model, tokenizer, spec=get_task(task), config=ModelConfig(temperature=0, **config), model_name="t"
+    )
+
+
+def _wait_idle(engine: GenerationEngine) -> None:
+    """The scheduler updates its gauges at the end of the step that finished the last sequence."""
+    deadline = time.monotonic() + 5
+    while engine.stats.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+PROMPTS = ["a", "Once upon a time", "The fox and the dog went to the café", "1 2 3", "🙂 emoji"]
+
+
+@pytest.mark.parametrize("arch", ["tiny_gpt2", "tiny_llama"])
+def test_staggered_arrivals_equal_solo_answers(arch: str, request: pytest.FixtureRequest) -> None:
+    engine = _engine(request.getfixturevalue(arch))
+    try:
+        reqs = [
+            parse_request(CompletionRequest, {"prompt": p, "max_tokens": 5 + 7 * i})
+            for i, p in enumerate(PROMPTS)
+        ]
+        solo = [engine.run([r])[0].choices[0].text for r in reqs]  # type: ignore[attr-defined]
+
+        async def staggered() -> list[str]:
+            async def one(i: int) -> str:
+                await asyncio.sleep(0.05 * i)  # join while earlier ones are mid-generation
+                response = await engine.arun(reqs[i])
+                return response.choices[0].text  # type: ignore[attr-defined]
+
+            return list(await asyncio.gather(*(one(i) for i in range(len(reqs)))))
+
+        assert asyncio.run(staggered()) == solo
+        # The batch really ran with several sequences at once.
+        assert max(engine.stats.batch_sizes) > 1
+        _wait_idle(engine)
+        assert engine.stats.running == 0
+    finally:
+        engine.close()
+
+
+def test_cancelled_stream_leaves_the_batch(tiny_gpt2: Path) -> None:
+    engine = _engine(tiny_gpt2, max_tokens=200)
+    try:
+        long = parse_request(CompletionRequest, {"prompt": "x", "max_tokens": 200, "stream": True})
+        short = parse_request(CompletionRequest, {"prompt": "y", "max_tokens": 3})
+
+        async def scenario() -> str:
+            stream = engine.astream(long)
+            first = await stream.__anext__()
+            assert first.choices  # type: ignore[attr-defined]
+            await stream.aclose()  # the client went away
+            response = await engine.arun(short)
+            return response.choices[0].finish_reason  # type: ignore[attr-defined]
+
+        assert asyncio.run(scenario()) == "length"
+        _wait_idle(engine)
+        assert engine.stats.running == 0
+        # The cancelled sequence stopped early: far fewer than 200 tokens were generated for it.
+        assert engine.stats.completion_tokens < 100
+    finally:
+        engine.close()
+
+
+def test_queue_limit_refuses_with_overloaded(tiny_gpt2: Path) -> None:
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_gpt2)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_gpt2)
+    engine = GenerationEngine(
+        model,
+        tokenizer,
+        spec=get_task("llm/v1/completions"),
+        config=ModelConfig(temperature=0),
+        model_name="t",
+        max_queue=2,
+    )
+    try:
+        with pytest.raises(OverloadedError) as err:
+            engine.run([parse_request(CompletionRequest, {"prompt": "x", "n": 3, "max_tokens": 2})])
+        assert err.value.status_code == 429
+        # Nothing was left behind: a request that fits still runs.
+        out = engine.run([parse_request(CompletionRequest, {"prompt": "x", "max_tokens": 2})])
+        assert out[0].usage.completion_tokens <= 2  # type: ignore[attr-defined]
+    finally:
+        engine.close()
+
+
+def test_a_failing_step_fails_its_requests_and_the_worker_lives_on(tiny_gpt2: Path) -> None:
+    engine = _engine(tiny_gpt2, task="llm/v1/chat")
+    req = parse_request(
+        ChatCompletionRequest, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    )
+    original = engine.model.forward
+    calls = {"n": 0}
+    lock = threading.Lock()
+
+    def flaky(*args: object, **kwargs: object) -> object:
+        with lock:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("boom")
+        return original(*args, **kwargs)
+
+    engine.model.forward = flaky  # type: ignore[method-assign]
+    try:
+        with pytest.raises(Exception, match="boom"):
+            engine.run([req])
+        answer = engine.run([req])[0]
+        assert answer.choices[0].finish_reason in {"stop", "length"}  # type: ignore[attr-defined]
+    finally:
+        engine.close()
