@@ -356,7 +356,8 @@ def log_model(
         pip_requirements=pip_requirements,
         extra_pip_requirements=extra_pip_requirements,
         code_paths=code_paths,
-        served_model_name=served_model_name,
+        # Responses name the model as clients know it: the registered name when there is one.
+        served_model_name=served_model_name or registered_model_name,
         native_pyfunc=native_pyfunc,
         **log_kwargs,
     )
