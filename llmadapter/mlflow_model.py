@@ -242,6 +242,7 @@ def save_model(
     mlflow_model.signature = signature if signature is not None else build_signature(spec.inference_task)
     pyfunc_conf = mlflow_model.flavors["python_function"]
     pyfunc_conf["loader_module"] = __name__
+    pyfunc_conf["streamable"] = spec.is_generation
     mlflow_model.save(str(path / "MLmodel"))
 
 
@@ -501,20 +502,22 @@ class LLMAdapterPyfunc:
     def get_raw_model(self) -> Engine:
         return self.engine
 
-    def _requests(self, data: Any, params: Mapping[str, Any] | None) -> list[Any]:
+    def _requests(self, data: Any, params: Mapping[str, Any] | None, *, streaming: bool = False) -> list[Any]:
         defaults = {k: v for k, v in (params or {}).items() if v is not None}
         rows = _rows(data)
-        if (
-            self.engine.inference_task == EMBEDDINGS
-            and len(rows) > 1
-            and all(set(r) <= {"input"} for r in rows)
-        ):
+        embeddings = self.engine.inference_task == EMBEDDINGS
+        if embeddings and len(rows) > 1 and all(set(r) <= {"input"} for r in rows):
             # A list of texts arrives as one row per text after MLflow's schema enforcement.
             rows = [{"input": [r["input"] for r in rows]}]
         requests = []
         for row in rows:
-            row.pop("stream", None)  # predict answers whole; predict_stream streams
-            if self.engine.inference_task != EMBEDDINGS:
+            # predict answers whole and predict_stream streams, whatever the request's `stream` says.
+            row.pop("stream", None)
+            if streaming:
+                row["stream"] = True
+            else:
+                row.pop("stream_options", None)
+            if not embeddings:
                 row.pop("custom_inputs", None)
             requests.append(self.engine.parse({**defaults, **row}))
         return requests
@@ -525,7 +528,7 @@ class LLMAdapterPyfunc:
         return responses[0] if len(responses) == 1 else responses
 
     def predict_stream(self, data: Any, params: Mapping[str, Any] | None = None) -> Iterator[dict[str, Any]]:
-        requests = self._requests(data, params)
+        requests = self._requests(data, params, streaming=True)
         if len(requests) != 1:
             raise InvalidRequestError("predict_stream takes exactly one request.", param=None)
         request = requests[0]

@@ -7,7 +7,15 @@ import uuid
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from llmadapter.config import GenerationParams, ModelConfig
 from llmadapter.errors import InvalidRequestError
@@ -127,11 +135,13 @@ class _SamplingFields(_Request):
             raise ValueError("stop sequences must be non-empty strings")
         return stops
 
-    @model_validator(mode="after")
-    def _check_stream_options(self) -> _SamplingFields:
-        if self.stream_options is not None and not self.stream:
+    @field_validator("stream_options")
+    @classmethod
+    def _check_stream_options(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        # A field validator (not a model validator) so the error names `stream_options`.
+        if value is not None and not info.data.get("stream"):
             raise ValueError("'stream_options' is only allowed when 'stream' is true")
-        return self
+        return value
 
     def _requested_max_tokens(self) -> int | None:
         return self.max_tokens
@@ -188,17 +198,20 @@ class ChatCompletionRequest(_SamplingFields):
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
 
-    @model_validator(mode="after")
-    def _check_logprobs(self) -> ChatCompletionRequest:
-        if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("'top_logprobs' requires 'logprobs' to be true")
-        if (
-            self.max_tokens is not None
-            and self.max_completion_tokens is not None
-            and self.max_tokens != self.max_completion_tokens
-        ):
+    @field_validator("max_completion_tokens")
+    @classmethod
+    def _check_max_completion_tokens(cls, value: int | None, info: ValidationInfo) -> int | None:
+        given = info.data.get("max_tokens")
+        if value is not None and given is not None and value != given:
             raise ValueError("give either 'max_tokens' or 'max_completion_tokens', not two different values")
-        return self
+        return value
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _check_top_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError("'top_logprobs' requires 'logprobs' to be true")
+        return value
 
     def _requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

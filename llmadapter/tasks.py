@@ -144,10 +144,12 @@ def resolve_task(task: str | None, native_task: str | None) -> tuple[str, TaskSp
 
 
 def _extra_colspec(name: str, kind: str) -> Any:
-    from mlflow.types.schema import ColSpec, DataType, Map, Object, Property
+    from mlflow.types.schema import AnyType, ColSpec, DataType, Map, Object, Property
 
     if kind == "map_double":
-        return ColSpec(Map(DataType.double), name, required=False)
+        # AnyType values: OpenAI clients send integer biases, which a double map would refuse;
+        # the request model still checks the numbers.
+        return ColSpec(Map(AnyType()), name, required=False)
     if kind == "stream_options":
         return ColSpec(
             Object([Property("include_usage", DataType.boolean, required=False)]), name, required=False

@@ -215,7 +215,7 @@ class GenerationEngine(Engine):
         prefix = "chatcmpl" if isinstance(req, ChatCompletionRequest) else "cmpl"
         return _Job(req, params, prompts, texts, new_id(prefix), now())
 
-    def _launch(self, job: _Job, on_event: Any) -> None:
+    def _launch(self, job: _Job, on_event: Any, *, submit: bool = True) -> None:
         max_new_cap = self._window
         for p_index, prompt in enumerate(job.prompts):
             limit = min(job.params.max_tokens, max_new_cap - len(prompt))
@@ -234,7 +234,8 @@ class GenerationEngine(Engine):
                     )
                 )
         job.remaining = len(job.seqs)
-        self.scheduler.submit(job.seqs)
+        if submit:
+            self.scheduler.submit(job.seqs)
 
     # -- responses -----------------------------------------------------------------------------
 
@@ -359,7 +360,9 @@ class GenerationEngine(Engine):
 
         try:
             for job in jobs:
-                self._launch(job, completion_counter(job))
+                self._launch(job, completion_counter(job), submit=False)
+            # One submission: the whole predict call starts as one batch (up to max_batch_size).
+            self.scheduler.submit([seq for job in jobs for seq in job.seqs])
             for job in jobs:
                 job.done.wait()
         except BaseException:

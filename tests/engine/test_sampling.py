@@ -1,0 +1,142 @@
+"""Per-row token choice: greedy, seeded sampling, top-k/top-p, OpenAI penalties and logit_bias, one batch."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import pytest
+import torch
+
+from llmadapter.config import GenerationParams
+from llmadapter.engine.sampling import RowSampler, _filter, choose_tokens
+
+VOCAB = 8
+
+
+def params(**kwargs: Any) -> GenerationParams:
+    return GenerationParams(max_tokens=10, **kwargs)
+
+
+def row(choice_index: int = 0, **kwargs: Any) -> RowSampler:
+    return RowSampler.create(params(**kwargs), choice_index)
+
+
+def logits(*rows: list[float]) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def draws(sampler_kwargs: dict[str, Any], scores: list[float], count: int, seed: int = 0) -> Counter[int]:
+    sampler = row(seed=seed, **sampler_kwargs)
+    return Counter(choose_tokens(logits(scores), [sampler])[0] for _ in range(count))
+
+
+FLAT = [0.0] * VOCAB
+RAMP = [float(i) for i in range(VOCAB)]  # token 7 most likely, 0 least
+
+
+def test_greedy_picks_argmax_without_a_generator() -> None:
+    sampler = row(temperature=0.0)
+    assert sampler.generator is None
+    assert choose_tokens(logits([0.1, 3.0, 0.2, -1.0]), [sampler]) == [1]
+
+
+def test_seeded_sampling_is_reproducible_and_leaves_the_global_rng_alone() -> None:
+    state = torch.get_rng_state()
+    a, b = row(seed=42), row(seed=42)
+    seq_a = [choose_tokens(logits(FLAT), [a])[0] for _ in range(30)]
+    seq_b = [choose_tokens(logits(FLAT), [b])[0] for _ in range(30)]
+    assert seq_a == seq_b
+    assert len(set(seq_a)) > 1  # really sampled, not greedy
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_different_seeds_and_choice_indexes_differ() -> None:
+    def sequence(seed: int, choice: int) -> list[int]:
+        sampler = row(choice_index=choice, seed=seed)
+        return [choose_tokens(logits(FLAT), [sampler])[0] for _ in range(30)]
+
+    assert sequence(1, 0) != sequence(2, 0)
+    # n choices of one seeded request must not be copies of each other.
+    assert sequence(1, 0) != sequence(1, 1)
+
+
+def test_unseeded_rows_get_their_own_random_generators() -> None:
+    a, b = row(), row()
+    assert a.generator is not None and b.generator is not None
+    seq_a = [choose_tokens(logits(FLAT), [a])[0] for _ in range(30)]
+    seq_b = [choose_tokens(logits(FLAT), [b])[0] for _ in range(30)]
+    assert seq_a != seq_b
+
+
+def test_top_k_keeps_only_the_k_best() -> None:
+    assert set(draws({"top_k": 2}, RAMP, 200)) == {6, 7}
+    assert set(draws({"top_k": 1}, RAMP, 50)) == {7}
+
+
+def test_top_p_keeps_the_smallest_nucleus() -> None:
+    # Probabilities 0.5, 0.3, 0.2 (then ~0): top_p 0.7 keeps the first two, top_p 0.5 only the first.
+    scores = [float(torch.log(torch.tensor(p))) for p in (0.5, 0.3, 0.2)] + [-1e9] * (VOCAB - 3)
+    assert set(draws({"top_p": 0.7}, scores, 300)) == {0, 1}
+    assert set(draws({"top_p": 0.5}, scores, 100)) == {0}
+    assert set(draws({"top_p": 1.0}, scores, 300)) == {0, 1, 2}
+
+
+def test_filter_top_p_keeps_the_first_token_always() -> None:
+    out = _filter(torch.tensor([5.0, 0.0, 0.0]), top_k=0, top_p=1e-9)
+    assert torch.isfinite(out).tolist() == [True, False, False]
+
+
+def test_temperature_sharpens_and_flattens() -> None:
+    cold = draws({"temperature": 0.2}, RAMP, 300)
+    hot = draws({"temperature": 2.0}, RAMP, 300)
+    assert cold[7] > hot[7]
+    assert len(hot) > len(cold)
+
+
+@pytest.mark.parametrize(
+    ("presence", "frequency", "expected"),
+    [(0.5, 0.0, [1.5, 1.5, 1.0]), (0.0, 0.25, [1.5, 1.75, 1.0]), (0.5, 0.25, [1.0, 1.25, 1.0])],
+    ids=["presence", "frequency", "both"],
+)
+def test_penalties_follow_openai_semantics(presence: float, frequency: float, expected: list[float]) -> None:
+    """logit -= count * frequency_penalty + (count > 0) * presence_penalty, on generated tokens only."""
+    sampler = row(temperature=0.0, presence_penalty=presence, frequency_penalty=frequency)
+    for token in (0, 0, 1):  # token 0 generated twice, token 1 once, token 2 never
+        sampler.observe(token)
+    scores = logits([2.0, 2.0, 1.0])
+    choose_tokens(scores, [sampler])
+    assert scores[0].tolist() == pytest.approx(expected)
+
+
+def test_penalty_changes_the_greedy_choice() -> None:
+    sampler = row(temperature=0.0, presence_penalty=2.0)
+    sampler.observe(0)
+    assert choose_tokens(logits([2.0, 1.0]), [sampler]) == [1]
+    assert choose_tokens(logits([2.0, 1.0]), [row(temperature=0.0)]) == [0]
+
+
+def test_negative_penalty_encourages_repetition() -> None:
+    sampler = row(temperature=0.0, frequency_penalty=-2.0)
+    sampler.observe(1)
+    assert choose_tokens(logits([2.0, 1.0]), [sampler]) == [1]
+
+
+def test_logit_bias_forces_and_bans_tokens() -> None:
+    assert choose_tokens(logits(RAMP), [row(temperature=0.0, logit_bias={2: 100.0})]) == [2]
+    assert choose_tokens(logits(RAMP), [row(temperature=0.0, logit_bias={7: -100.0})]) == [6]
+    assert set(draws({"logit_bias": {3: 100.0}}, FLAT, 50)) == {3}
+
+
+def test_each_row_of_a_batch_keeps_its_own_params() -> None:
+    rows = [
+        row(temperature=0.0),
+        row(temperature=0.0, logit_bias={0: 100.0}),
+        row(seed=3, top_k=1),
+        row(temperature=0.0, presence_penalty=2.0),
+    ]
+    rows[3].observe(7)
+    batch = logits(RAMP, RAMP, RAMP, RAMP)
+    assert choose_tokens(batch, rows) == [7, 0, 7, 6]
+    # Rows do not leak into each other: row 0's logits are untouched by row 1's bias and row 3's penalty.
+    assert batch[0].tolist() == RAMP
