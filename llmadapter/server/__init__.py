@@ -1,0 +1,6 @@
+"""The OpenAI-compatible HTTP server: `build_app(engines, settings)` and its `ServerSettings`."""
+
+from llmadapter.server.app import ServedModels, build_app
+from llmadapter.server.settings import ServerSettings
+
+__all__ = ["ServedModels", "ServerSettings", "build_app"]

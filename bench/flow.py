@@ -1,0 +1,181 @@
+"""Where the time of a log-and-validate run goes: Prefect overhead vs download, log, validate, register.
+
+    python bench/flow.py [--model-dir FOLDER] [--in-process-validation]
+
+Runs the flow on the embedded default (Prefect's ephemeral API, SQLite MLflow store in a temp dir) on a
+tiny model built here, twice in one process: a cold run (it starts the ephemeral API) and a warm run
+(another model_config, so it really logs again). Task durations come from the Prefect API; Prefect
+overhead is the flow's wall time minus the time spent inside the tasks. For reference, the same four
+steps are also timed as plain llmadapter calls without Prefect. Target: overhead < 30% of the total.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# Task-run name prefixes (tasks/ sets task_run_name; others are "<task name>-<suffix>") -> phase.
+PHASES = (
+    ("download ", "download"),
+    ("log ", "log"),
+    ("validate ", "validate"),
+    ("publish-report", "validate"),
+    ("find-registered-version", "register"),
+    ("register ", "register"),
+    ("set @", "register"),
+    ("get-version", "register"),
+)
+
+
+def _phase_times(flow_run_id: object) -> dict[str, float]:
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    out = dict.fromkeys(("download", "log", "validate", "register"), 0.0)
+    for run in runs:
+        if run.start_time is None or run.end_time is None:
+            continue
+        phase = next((p for prefix, p in PHASES if run.name.startswith(prefix)), None)
+        if phase is not None:
+            out[phase] += (run.end_time - run.start_time).total_seconds()
+    return out
+
+
+def _print_row(label: str, wall: float, phases: dict[str, float]) -> None:
+    inside = sum(phases.values())
+    overhead = wall - inside
+    cells = "  ".join(f"{name} {seconds:6.2f}s" for name, seconds in phases.items())
+    share = 100 * overhead / wall
+    print(f"{label:<18} wall {wall:6.2f}s  prefect overhead {overhead:6.2f}s ({share:4.1f}%)  {cells}")
+
+
+def _plain(model_dir: str, fresh_process: bool) -> dict[str, float]:
+    """The same four steps as direct llmadapter calls (no Prefect)."""
+    import mlflow
+
+    import llmadapter
+    from llmadapter import registry
+    from llmadapter.settings import configure_mlflow
+    from llmadapter.source import resolve_source
+    from llmadapter.validation import log_report, validate_model
+
+    times: dict[str, float] = {}
+    start = time.perf_counter()
+    resolved = resolve_source(model_dir)
+    times["download"] = time.perf_counter() - start
+    start = time.perf_counter()
+    configure_mlflow()
+    with mlflow.start_run() as run:
+        info = llmadapter.log_model(
+            str(resolved.local_dir), name="model", task="llm/v1/chat", model_config={"temperature": 0.7}
+        )
+    times["log"] = time.perf_counter() - start
+    start = time.perf_counter()
+    report = validate_model(info.model_uri, fresh_process=fresh_process)
+    log_report(report, run.info.run_id)
+    times["validate"] = time.perf_counter() - start
+    start = time.perf_counter()
+    chash = registry.config_hash("llm/v1/chat", {"temperature": 0.7})
+    version, _ = registry.register_version(
+        info.model_uri,
+        "bench-plain",
+        source=model_dir,
+        revision=resolved.revision,
+        task="llm/v1/chat",
+        config_hash=chash,
+        report=report,
+    )
+    registry.set_alias("bench-plain", "challenger", version.version)
+    times["register"] = time.perf_counter() - start
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", default=None, help="Model folder (default: a tiny GPT-2 built here).")
+    parser.add_argument("--in-process-validation", action="store_true", help="Skip the fresh process.")
+    args = parser.parse_args(argv)
+
+    tmp = Path(tempfile.mkdtemp(prefix="llmadapter-bench-flow-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    # Prefect reads its settings at import: everything is set before the first prefect import.
+    os.environ.update(
+        {
+            "PREFECT_HOME": str(tmp / "prefect"),
+            "LLMADAPTER_DATA_DIR": str(tmp / "data"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+            "PREFECT_LOGGING_LEVEL": "WARNING",
+            "DO_NOT_TRACK": "1",
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+    )
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "PREFECT_API_URL"):
+        os.environ.pop(var, None)
+    (tmp / "prefect").mkdir(parents=True)
+    sys.path.insert(0, str(ROOT))
+
+    from llmadapter.testing import build_tiny_model
+
+    model_dir = args.model_dir or str(build_tiny_model(tmp / "tiny-gpt2", "gpt2"))
+    fresh = not args.in_process_validation
+
+    from flows.log_and_validate import log_and_validate
+    from llmadapter.config import ModelConfig
+    from tasks.validate import ValidationOptions
+
+    print(f"log-and-validate on {model_dir} (validation in {'a fresh process' if fresh else 'this process'})")
+    # One-time costs of the embedded default, timed apart so the runs below show the per-run overhead.
+    from prefect import get_client
+
+    from llmadapter.settings import configure_mlflow
+
+    start = time.perf_counter()
+    with get_client(sync_client=True) as client:
+        client.api_healthcheck()
+    api_start = time.perf_counter() - start
+    start = time.perf_counter()
+    configure_mlflow()
+    store_init = time.perf_counter() - start
+    rows = []
+    for label, config in (("first run", ModelConfig()), ("second run", ModelConfig(temperature=0.5))):
+        start = time.perf_counter()
+        state = log_and_validate(
+            source=model_dir,
+            model_name="bench",
+            config=config,
+            validation=ValidationOptions(fresh_process=fresh),
+            return_state=True,
+        )
+        wall = time.perf_counter() - start
+        assert state.is_completed(), state.message
+        rows.append((label, wall, _phase_times(state.state_details.flow_run_id)))
+    plain = _plain(model_dir, fresh)
+
+    print(f"\none-time: Prefect ephemeral API start {api_start:.2f}s, MLflow SQLite store {store_init:.2f}s")
+    for label, wall, phases in rows:
+        _print_row(label, wall, phases)
+    _print_row("plain llmadapter", sum(plain.values()), plain)
+    warm_wall, warm_phases = rows[1][1], rows[1][2]
+    overhead = (warm_wall - sum(warm_phases.values())) / warm_wall
+    with_start = (warm_wall - sum(warm_phases.values()) + api_start) / (warm_wall + api_start)
+    print(
+        f"\nsecond run: Prefect overhead {100 * overhead:.1f}% of the total (target < 30%); "
+        f"{100 * with_start:.1f}% if the process also starts the ephemeral API; "
+        f"flow vs plain calls: {warm_wall / sum(plain.values()):.2f}x"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

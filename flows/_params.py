@@ -1,0 +1,77 @@
+"""Typed flow parameters and results shared by the flows (pydantic, so the Prefect UI renders forms)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from llmadapter.config import EmbeddingsConfig, ModelConfig, parse_model_config
+from llmadapter.tasks import CHAT, COMPLETIONS, EMBEDDINGS
+from tasks.validate import ValidationOptions
+
+LLMTask = Literal["llm/v1/chat", "llm/v1/completions", "llm/v1/embeddings"]
+# Either config shape; the flow re-validates it for the chosen task (unknown keys are refused).
+ModelDefaults = ModelConfig | EmbeddingsConfig
+
+_TASK_SUFFIX = {CHAT: "chat", COMPLETIONS: "completions", EMBEDDINGS: "embeddings"}
+
+
+def config_dict(task: str, config: ModelDefaults | dict[str, Any] | None) -> dict[str, Any]:
+    """The model_config for `task` as a plain dict of the keys the user set (validated for the task)."""
+    data = config.model_dump(exclude_unset=True) if isinstance(config, BaseModel) else dict(config or {})
+    parse_model_config(task, data)
+    return data
+
+
+def default_model_name(source: str, task: str) -> str:
+    """A registry name from source and task: 'org/SmolLM2-135M-Instruct' -> 'smollm2-135m-instruct-chat'."""
+    base = source.split("@")[0].rstrip("/")
+    stem = Path(base).stem if base.lower().endswith(".gguf") else base.split("/")[-1]
+    slug = re.sub(r"[^a-z0-9]+", "-", stem.lower()).strip("-") or "model"
+    return f"{slug}-{_TASK_SUFFIX.get(task, 'model')}"
+
+
+class ModelSpec(BaseModel):
+    """One model the refresh flow keeps registered (the log-and-validate parameters for it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(description="Hub id (org/name[@revision]), local folder or .gguf file.")
+    task: LLMTask = "llm/v1/chat"
+    model_name: str | None = Field(default=None, description="Registered model name (default from source).")
+    revision: str | None = Field(default=None, description="Branch or tag to follow (default: main).")
+    config: ModelDefaults | None = Field(default=None, description="model_config: request defaults.")
+    save_pretrained: bool = True
+    validation: ValidationOptions = Field(default_factory=ValidationOptions)
+
+    def registered_name(self) -> str:
+        return self.model_name or default_model_name(self.source, self.task)
+
+
+class LogAndValidateResult(BaseModel):
+    """What a log-and-validate run left in the registry."""
+
+    model_name: str
+    version: int
+    model_uri: str
+    created: bool = Field(description="False when an identical version existed and was reused.")
+    revision: str
+    task: str
+    config_hash: str
+    aliases: list[str]
+    validation: str = Field(description="The validation summary line.")
+
+
+class ApprovalDecision(BaseModel):
+    """What the promote flow decided and did."""
+
+    model_name: str
+    version: int
+    alias: str
+    outcome: Literal["approved", "rejected", "unchanged"]
+    previous: int | None = None
+    approver: str | None = None
+    comment: str | None = None

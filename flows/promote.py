@@ -1,0 +1,205 @@
+"""Flow `promote`: compare challenger and champion, wait for a person's approval, then move the alias."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.exceptions import FlowPauseTimeout
+from prefect.flow_runs import pause_flow_run
+from prefect.input import RunInput
+from pydantic import Field
+
+from flows._params import ApprovalDecision
+from llmadapter.errors import NotFoundError, ValidationFailedError
+from llmadapter.registry import CHALLENGER, CHAMPION, RegisteredVersion, promotion_problems
+from llmadapter.settings import configure_mlflow
+from llmadapter.validation import SampleAnswer, ValidationSample
+from tasks.register import get_alias, get_version, promote_version
+from tasks.validate import answer_samples, artifact_key
+
+
+class ApprovalInput(RunInput):
+    """The form a person fills in the Prefect UI (or sends with resume_flow_run) to decide."""
+
+    approve: bool = Field(default=False, description="Move the alias to this version.")
+    alias: str = Field(default=CHAMPION, min_length=1, description="The alias to move.")
+    approver: str = Field(default="", description="Who approves (recorded on the version).")
+    comment: str = Field(default="", description="Why (recorded on the version).")
+
+
+_COMPARED_TAGS = (
+    ("source", "source"),
+    ("revision", "revision"),
+    ("task", "task"),
+    ("validation", "validation_status"),
+    ("checks", "validation_checks"),
+    ("p50 latency (s)", "validation_p50_latency_s"),
+    ("weights", "weights"),
+)
+
+
+def _comparison_rows(candidate: RegisteredVersion, current: RegisteredVersion | None) -> list[dict[str, Any]]:
+    rows = [
+        {
+            "": "version",
+            "candidate": str(candidate.version),
+            "current": str(current.version) if current else "-",
+        }
+    ]
+    for label, tag in _COMPARED_TAGS:
+        rows.append(
+            {
+                "": label,
+                "candidate": candidate.tags.get(tag, ""),
+                "current": current.tags.get(tag, "") if current else "-",
+            }
+        )
+    return rows
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")[:120]
+
+
+def _markdown(
+    name: str,
+    alias: str,
+    candidate: RegisteredVersion,
+    current: RegisteredVersion | None,
+    rows: list[dict[str, Any]],
+    answers: list[tuple[SampleAnswer, SampleAnswer | None]],
+) -> str:
+    head = f"current @{alias} is version {current.version}" if current else f"no version holds @{alias} yet"
+    lines = [
+        f"## Promote {name} version {candidate.version} to @{alias}?",
+        "",
+        f"{head}. Approve in the Resume form below (approve, alias, approver, comment).",
+        "",
+        "| | candidate | current |",
+        "|---|---|---|",
+        *(f"| {r['']} | {r['candidate']} | {r['current']} |" for r in rows),
+    ]
+    if answers:
+        lines += ["", "| sample | candidate | s | current | s |", "|---|---|---|---|---|"]
+        for new, old in answers:
+            old_cells = f"{_cell(old.answer)} | {old.latency_s:.2f}" if old else "- | -"
+            lines.append(f"| {new.name} | {_cell(new.answer)} | {new.latency_s:.2f} | {old_cells} |")
+    return "\n".join(lines) + "\n"
+
+
+@flow(name="promote", log_prints=True)
+def promote(
+    model_name: str,
+    version: int | None = None,
+    alias: str = CHAMPION,
+    from_alias: str = CHALLENGER,
+    require_approval: bool = True,
+    timeout_s: int = 3600,
+    poll_interval_s: int = 10,
+    eval_samples: list[ValidationSample] | None = None,
+) -> ApprovalDecision:
+    """Move `alias` (champion) to a version after a person approves it in the Prefect UI.
+
+    Args:
+        model_name: Registered model name.
+        version: Version number to promote; default the one holding `from_alias`. An older version
+            than the current `alias` holder is a rollback.
+        alias: The alias to move.
+        from_alias: Where the candidate comes from when no version number is given.
+        require_approval: Pause for a person's decision (a typed form in the UI); False promotes at once.
+        timeout_s: How long to wait for the decision; on timeout nothing changes and the run fails.
+        poll_interval_s: How often the paused run checks for the decision.
+        eval_samples: Requests answered by both versions and shown side by side before the decision.
+    """
+    logger = get_run_logger()
+    configure_mlflow()
+    if version is not None:
+        candidate = get_version(model_name, version)
+    else:
+        found = get_alias(model_name, from_alias)
+        if found is None:
+            raise NotFoundError(f"No version of '{model_name}' holds @{from_alias}.", param="version")
+        candidate = found
+    current = get_alias(model_name, alias)
+    if current is not None and current.version == candidate.version:
+        logger.info("%s version %d already holds @%s: nothing to do.", model_name, candidate.version, alias)
+        return ApprovalDecision(
+            model_name=model_name,
+            version=candidate.version,
+            alias=alias,
+            outcome="unchanged",
+            previous=current.version,
+        )
+    problems = promotion_problems(candidate)
+    if problems:
+        raise ValidationFailedError(
+            f"{model_name} version {candidate.version} cannot become @{alias}: {'; '.join(problems)}.",
+            param="version",
+        )
+
+    rows = _comparison_rows(candidate, current)
+    answers: list[tuple[SampleAnswer, SampleAnswer | None]] = []
+    if eval_samples:
+        new = answer_samples(candidate.uri, eval_samples)
+        old = answer_samples(current.uri, eval_samples) if current else [None] * len(new)
+        answers = list(zip(new, old, strict=True))
+    markdown = _markdown(model_name, alias, candidate, current, rows, answers)
+    key = artifact_key("promotion", model_name)
+    create_markdown_artifact(
+        markdown=markdown, key=key, description=f"Promote {model_name} v{candidate.version}?"
+    )
+    create_table_artifact(table=rows, key=f"{key}-comparison", description="Candidate vs current")
+
+    decision = ApprovalInput(approve=True, alias=alias, approver="", comment="require_approval=False")
+    if require_approval:
+        try:
+            answered = pause_flow_run(
+                wait_for_input=ApprovalInput.with_initial_data(description=markdown, alias=alias),
+                timeout=timeout_s,
+                poll_interval=poll_interval_s,
+            )
+            decision = answered if answered is not None else ApprovalInput()
+        except FlowPauseTimeout:
+            # The run ends Failed (a paused run cannot complete without a decision); nothing was changed.
+            logger.warning("No decision within %d s: @%s of %s is unchanged.", timeout_s, alias, model_name)
+            raise
+    if not decision.approve:
+        logger.info("Rejected by %s: %s. Nothing changed.", decision.approver or "-", decision.comment or "-")
+        return ApprovalDecision(
+            model_name=model_name,
+            version=candidate.version,
+            alias=decision.alias,
+            outcome="rejected",
+            previous=current.version if current else None,
+            approver=decision.approver or None,
+            comment=decision.comment or None,
+        )
+    target = get_alias(model_name, decision.alias)
+    rollback = target is not None and candidate.version < target.version
+    result = promote_version(
+        model_name,
+        candidate.version,
+        decision.alias,
+        decision.approver or None,
+        decision.comment or None,
+        rollback,
+    )
+    logger.info(
+        "@%s of %s: version %s -> %d%s.",
+        decision.alias,
+        model_name,
+        result.previous if result.previous is not None else "-",
+        candidate.version,
+        " (weights copied into the artifact store first)" if result.persisted_weights else "",
+    )
+    return ApprovalDecision(
+        model_name=model_name,
+        version=candidate.version,
+        alias=decision.alias,
+        outcome="approved",
+        previous=result.previous,
+        approver=decision.approver or None,
+        comment=decision.comment or None,
+    )

@@ -1,0 +1,39 @@
+"""Flow `serve`: run llmadapter's OpenAI-compatible server on models:/name@champion (long-running)."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from llmadapter.errors import ConfigError
+from llmadapter.registry import CHAMPION
+from llmadapter.settings import configure_mlflow
+from tasks.serve import run_server
+
+
+@flow(name="serve", log_prints=True)
+def serve(
+    model_name: str | None = None,
+    alias: str = CHAMPION,
+    model_uri: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    api_key_env: str | None = None,
+) -> int:
+    """Serve a registered model until the server stops (cancel the flow run to stop it).
+
+    Args:
+        model_name: Registered model to serve at `alias` (models:/model_name@alias).
+        alias: The alias to serve.
+        model_uri: Any MLflow model URI instead of model_name/alias (models:/name/3, runs:/...).
+        host: Interface to listen on (0.0.0.0 for other machines).
+        port: TCP port.
+        api_key_env: Name of an environment variable (on the worker) holding the bearer API key; the key
+            itself never passes through Prefect.
+    """
+    configure_mlflow()
+    if model_uri is None:
+        if model_name is None:
+            raise ConfigError("Give model_name (served at @alias) or model_uri.", param="model_name")
+        model_uri = f"models:/{model_name}@{alias}"
+    extra = ["--api-key-env", api_key_env] if api_key_env else []
+    return run_server(model_uri, host, port, extra)

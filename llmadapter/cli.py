@@ -1,0 +1,202 @@
+"""The `llmadapter` command line: `llmadapter serve MODEL_URI [...]` runs the OpenAI-compatible server."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+from pydantic import ValidationError
+
+if TYPE_CHECKING:
+    import uvicorn
+    from fastapi import FastAPI
+
+    from llmadapter.engine.base import Engine
+    from llmadapter.server.settings import ServerSettings
+
+log = logging.getLogger("llmadapter.cli")
+
+
+def model_id(uri: str) -> str:
+    """The id a model is served under: the registered name for models:/ URIs, else the path's last part.
+
+    models:/chat@champion -> chat; models:/chat/3 -> chat; runs:/<run>/model -> model;
+    /data/smollm2/ -> smollm2.
+    """
+    if uri.startswith("models:/"):
+        rest = uri.removeprefix("models:/").lstrip("/")
+        return rest.split("@", 1)[0].split("/", 1)[0]
+    path = urlparse(uri).path if "://" in uri or uri.startswith("runs:/") else uri
+    parts = [p for p in path.replace(os.sep, "/").split("/") if p]
+    return parts[-1] if parts else uri
+
+
+def _settings_flags(parser: argparse.ArgumentParser) -> None:
+    # One flag per ServerSettings field, so the CLI, the environment and the code never drift apart.
+    from llmadapter.server.settings import ServerSettings
+
+    for name, field in ServerSettings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        env = f"LLMADAPTER_{name.upper()}"
+        parser.add_argument(
+            flag, dest=name, default=None, metavar=name.upper(), help=f"{field.description} [${env}]"
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llmadapter", description="llm/v1 MLflow models, served OpenAI-style."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = commands.add_parser(
+        "serve",
+        help="Serve MLflow models on an OpenAI-compatible HTTP API.",
+        description="Serve llmadapter MLflow models (models:/name@alias, models:/name/3, runs:/..., a local "
+        "path) on /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models, /invocations, "
+        "/health, /ready and /metrics. One process (one uvicorn worker) owns the cores; concurrent "
+        "requests are batched by the engine. Scale out with replicas behind a load balancer.",
+    )
+    serve.add_argument(
+        "model_uris", nargs="+", metavar="MODEL_URI", help="MLflow model URI or local model folder."
+    )
+    serve.add_argument(
+        "--name",
+        action="append",
+        dest="names",
+        metavar="NAME",
+        help="Id to serve a model under (the request's `model`); once per MODEL_URI, in order. "
+        "Default: the registered model name for models:/ URIs, else the path's last part.",
+    )
+    _settings_flags(serve)
+    return parser
+
+
+def _serve_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ServerSettings:
+    from llmadapter.server.settings import ServerSettings
+
+    given = {
+        name: getattr(args, name) for name in ServerSettings.model_fields if getattr(args, name) is not None
+    }
+    try:
+        settings = ServerSettings(**given)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        parser.error(f"--{where.replace('_', '-')}: {first['msg']}")
+    # An explicitly named key variable that is unset would silently open the server: refuse.
+    if "api_key_env" in given and not settings.api_key():
+        parser.error(f"--api-key-env: the environment variable ${settings.api_key_env} is not set or empty.")
+    return settings
+
+
+def _model_ids(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
+    uris: list[str] = args.model_uris
+    names: list[str] = args.names or [model_id(uri) for uri in uris]
+    if len(names) != len(uris):
+        parser.error(f"--name given {len(names)} times for {len(uris)} model URIs; give it once per URI.")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        parser.error(f"two models would be served as {', '.join(duplicates)}; tell them apart with --name.")
+    return names
+
+
+def set_torch_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    log.info("torch uses %d threads", threads)
+
+
+def _point_mlflow_at_stores() -> None:
+    """models:/ and runs:/ URIs resolve against the project's stores (LLMADAPTER_* / MLFLOW_* / default)."""
+    import mlflow
+
+    from llmadapter.settings import get_settings
+
+    project = get_settings()
+    mlflow.set_tracking_uri(project.resolved_tracking_uri())
+    mlflow.set_registry_uri(project.resolved_registry_uri())
+
+
+def _load_models(
+    app: FastAPI,
+    server: uvicorn.Server,
+    models: Sequence[tuple[str, str]],
+    loaded: list[Engine],
+    failed: list[str],
+) -> None:
+    """Load each model and add it to the running app (/ready turns 200 after the last); stop on failure."""
+    from llmadapter.mlflow_model import load_engine
+
+    for name, uri in models:
+        try:
+            log.info("loading %s from %s", name, uri)
+            engine = load_engine(uri, model_name=name)
+        except Exception as exc:
+            log.exception("could not load %s from %s", name, uri)
+            failed.append(f"{name}: {exc}")
+            server.should_exit = True
+            return
+        loaded.append(engine)
+        app.state.models.add(name, engine)
+        log.info("%s ready (%s)", name, engine.inference_task)
+
+
+def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    settings = _serve_settings(args, parser)
+    names = _model_ids(args, parser)
+    logging.basicConfig(level=settings.log_level.upper() if settings.log_level != "trace" else "DEBUG")
+    import uvicorn
+
+    from llmadapter.server.app import build_app
+
+    set_torch_threads(settings.torch_threads)
+    _point_mlflow_at_stores()
+    app = build_app({}, settings, loading=names)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=10,
+    )
+    server = uvicorn.Server(config)
+    loaded: list[Engine] = []
+    failed: list[str] = []
+    # Models load in the background so that /health answers at once and /ready tells when they are in.
+    loader = threading.Thread(
+        target=_load_models,
+        args=(app, server, list(zip(names, args.model_uris, strict=True)), loaded, failed),
+        name="llmadapter-loader",
+        daemon=True,
+    )
+    loader.start()
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass  # uvicorn re-raises the Ctrl-C it handled once it has shut down: a normal stop
+    finally:
+        loader.join(timeout=1)
+        for engine in loaded:
+            engine.close()
+    if failed:
+        print(f"llmadapter serve: could not load {'; '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handlers: dict[str, Any] = {"serve": serve}
+    return int(handlers[args.command](args, parser))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,383 @@
+"""The MLflow Model Registry side: validated versions with provenance tags, aliases, promotion, rollback.
+
+A version is identified for idempotency by (registered name, source revision sha, llm/v1 task,
+model_config hash): registering the same triple again returns the existing version. Promotion moves
+an alias (`challenger` -> `champion`) only through the gates: validation passed, and the weights are
+in the artifact store (a version logged with save_pretrained=False has them copied in first, so
+production never depends on a hub repository that may vanish).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict
+
+from llmadapter.config import parse_model_config
+from llmadapter.errors import ConfigError, NotFoundError, ValidationFailedError
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+    from llmadapter.validation import ValidationReport
+
+__all__ = [
+    "CHALLENGER",
+    "CHAMPION",
+    "PromotionResult",
+    "RegisteredVersion",
+    "config_hash",
+    "find_version",
+    "get_alias",
+    "get_version",
+    "list_versions",
+    "persist_weights",
+    "promote",
+    "promotion_problems",
+    "register_version",
+    "rollback",
+    "set_alias",
+    "weights_stored",
+]
+
+CHALLENGER = "challenger"
+CHAMPION = "champion"
+
+TAG_SOURCE = "source"
+TAG_REVISION = "revision"
+TAG_TASK = "task"
+TAG_CONFIG_HASH = "model_config_hash"
+TAG_VALIDATION = "validation_status"
+TAG_WEIGHTS = "weights"  # "stored" | "hub-reference"
+TAG_APPROVED_BY = "approved_by"
+TAG_APPROVAL_COMMENT = "approval_comment"
+TAG_PROMOTED_TO = "promoted_to"
+TAG_PROMOTED_AT = "promoted_at"
+TAG_REPLACED = "replaced_version"
+TAG_ROLLBACK = "rollback_from_version"
+
+
+class RegisteredVersion(BaseModel):
+    """One model version as the registry holds it (a snapshot; re-read after changes)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    version: int
+    source: str
+    run_id: str | None = None
+    tags: dict[str, str] = {}
+    aliases: list[str] = []
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+    @property
+    def validation_passed(self) -> bool:
+        return self.tags.get(TAG_VALIDATION) == "passed"
+
+    @property
+    def revision(self) -> str | None:
+        return self.tags.get(TAG_REVISION)
+
+    @classmethod
+    def from_mlflow(cls, mv: Any, aliases: Mapping[str, str] | None = None) -> RegisteredVersion:
+        """From an MLflow ModelVersion; `aliases` (alias -> version) fills in what searches leave out."""
+        names = set(mv.aliases or [])
+        names.update(alias for alias, v in (aliases or {}).items() if str(v) == str(mv.version))
+        return cls(
+            name=mv.name,
+            version=int(mv.version),
+            source=mv.source,
+            run_id=mv.run_id,
+            tags=dict(mv.tags or {}),
+            aliases=sorted(names),
+        )
+
+
+class PromotionResult(BaseModel):
+    """What a promotion did: the version that now holds the alias and the one that held it before."""
+
+    alias: str
+    version: RegisteredVersion
+    previous: int | None
+    persisted_weights: bool = False
+
+
+def _client() -> MlflowClient:
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def config_hash(task: str, model_config: Mapping[str, Any] | BaseModel | None) -> str:
+    """A short stable hash of the validated model_config (defaults filled in, so {} == the defaults)."""
+    data = model_config.model_dump() if isinstance(model_config, BaseModel) else model_config
+    config = parse_model_config(task, data)
+    payload = json.dumps(config.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _quote(value: str) -> str:
+    if "'" in value:
+        # MLflow's filter grammar has no escape for quotes; refuse rather than search for something else.
+        raise ConfigError(f"Registry values may not contain a quote: {value!r}.", param="model_name")
+    return f"'{value}'"
+
+
+def _model_aliases(client: MlflowClient, name: str) -> dict[str, str] | None:
+    """alias -> version of a registered model, or None when the model does not exist.
+
+    Version searches return no aliases, so they are read from the registered model once.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    return {str(k): str(v) for k, v in (model.aliases or {}).items()}
+
+
+def _model_exists(client: MlflowClient, name: str) -> bool:
+    return _model_aliases(client, name) is not None
+
+
+def list_versions(name: str) -> list[RegisteredVersion]:
+    """All versions of a registered model, newest first (empty when the model does not exist)."""
+    client = _client()
+    aliases = _model_aliases(client, name)
+    if aliases is None:
+        return []
+    found = client.search_model_versions(f"name={_quote(name)}")
+    return sorted((RegisteredVersion.from_mlflow(mv, aliases) for mv in found), key=lambda v: -v.version)
+
+
+def find_version(name: str, *, revision: str, task: str, config_hash: str) -> RegisteredVersion | None:
+    """The newest version registered from this revision, task and model_config, if any."""
+    client = _client()
+    aliases = _model_aliases(client, name)
+    if aliases is None:
+        return None
+    query = (
+        f"name={_quote(name)} and tags.{TAG_REVISION}={_quote(revision)} "
+        f"and tags.{TAG_TASK}={_quote(task)} and tags.{TAG_CONFIG_HASH}={_quote(config_hash)}"
+    )
+    found = [RegisteredVersion.from_mlflow(mv, aliases) for mv in client.search_model_versions(query)]
+    return max(found, key=lambda v: v.version) if found else None
+
+
+def get_version(name: str, version: int) -> RegisteredVersion:
+    from mlflow.exceptions import MlflowException
+
+    client = _client()
+    if not _model_exists(client, name):
+        raise NotFoundError(f"No registered model named '{name}'.", param="model_name")
+    try:
+        return RegisteredVersion.from_mlflow(client.get_model_version(name, str(version)))
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise NotFoundError(f"Model '{name}' has no version {version}.", param="version") from None
+        raise
+
+
+def get_alias(name: str, alias: str) -> RegisteredVersion | None:
+    """The version holding an alias, or None when the model or the alias does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client()
+    if not _model_exists(client, name):
+        return None
+    try:
+        return RegisteredVersion.from_mlflow(client.get_model_version_by_alias(name, alias))
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+def set_alias(name: str, alias: str, version: int) -> RegisteredVersion:
+    """Point an alias at a version (moving it if another version held it)."""
+    get_version(name, version)
+    _client().set_registered_model_alias(name, alias, str(version))
+    return get_version(name, version)
+
+
+def weights_stored(model_uri: str) -> bool:
+    """Whether the artifact holds the weights (False for save_pretrained=False hub references)."""
+    import mlflow.models
+
+    flavor = mlflow.models.get_model_info(model_uri).flavors.get("transformers", {})
+    return "model_binary" in flavor
+
+
+def register_version(
+    model_uri: str,
+    name: str,
+    *,
+    source: str,
+    revision: str,
+    task: str,
+    config_hash: str,
+    report: ValidationReport,
+    extra_tags: Mapping[str, str] | None = None,
+) -> tuple[RegisteredVersion, bool]:
+    """Register a validated logged model; returns (version, created).
+
+    Idempotent: if a version with the same revision, task and config hash exists, it is returned
+    and nothing is registered. A report that did not pass is refused (nothing is registered).
+    """
+    import mlflow
+
+    if not report.passed:
+        raise ValidationFailedError(
+            f"Refusing to register {model_uri}: validation {report.status} ({report.summary()}).",
+            param="report",
+        )
+    existing = find_version(name, revision=revision, task=task, config_hash=config_hash)
+    if existing is not None:
+        return existing, False
+    tags = {
+        TAG_SOURCE: source,
+        TAG_REVISION: revision,
+        TAG_TASK: task,
+        TAG_CONFIG_HASH: config_hash,
+        TAG_WEIGHTS: "stored" if weights_stored(model_uri) else "hub-reference",
+        **report.to_tags(),
+        **dict(extra_tags or {}),
+    }
+    mv = mlflow.register_model(model_uri, name, tags=tags)
+    return get_version(name, int(mv.version)), True
+
+
+def promotion_problems(version: RegisteredVersion) -> list[str]:
+    """Why a version may not be promoted (empty when the gates pass)."""
+    problems = []
+    status = version.tags.get(TAG_VALIDATION)
+    if status != "passed":
+        problems.append(f"validation_status is {status!r}, promotion needs 'passed'")
+    return problems
+
+
+def _download_uri(version: RegisteredVersion) -> str:
+    return str(_client().get_model_version_download_uri(version.name, str(version.version)))
+
+
+def persist_weights(name: str, version: int) -> RegisteredVersion:
+    """Copy the weights of a save_pretrained=False version into its artifact (no-op when stored).
+
+    Uses `mlflow.transformers.persist_pretrained_model` on the version's artifact location: the
+    pinned commit is loaded (from the local Hugging Face cache when offline) and saved into the
+    artifact's `model/` folder, and the MLmodel then points at it.
+    """
+    import mlflow.transformers
+
+    current = get_version(name, version)
+    if weights_stored(current.uri):
+        if current.tags.get(TAG_WEIGHTS) != "stored":
+            _client().set_model_version_tag(name, str(version), TAG_WEIGHTS, "stored")
+        return get_version(name, version)
+    location = _download_uri(current)
+    mlflow.transformers.persist_pretrained_model(location)
+    _mark_engine_weights_stored(location)
+    if not weights_stored(current.uri):
+        raise ConfigError(
+            f"Persisting the weights of '{name}' version {version} left no weights in {location}.",
+            param="version",
+        )
+    _client().set_model_version_tag(name, str(version), TAG_WEIGHTS, "stored")
+    return get_version(name, version)
+
+
+def _mark_engine_weights_stored(location: str) -> None:
+    """Keep llmadapter's own record (llmadapter/engine.json) in step with the MLmodel."""
+    import tempfile
+    from pathlib import Path
+
+    from mlflow.artifacts import download_artifacts
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = Path(download_artifacts(artifact_uri=f"{location}/llmadapter/engine.json", dst_path=tmp))
+        except OSError:
+            return
+        data = json.loads(local.read_text())
+        data["weights_stored"] = True
+        local.write_text(json.dumps(data, indent=2))
+        get_artifact_repository(location).log_artifact(str(local), "llmadapter")
+
+
+def promote(
+    name: str,
+    version: int,
+    *,
+    alias: str = CHAMPION,
+    approver: str | None = None,
+    comment: str | None = None,
+    extra_tags: Mapping[str, str] | None = None,
+) -> PromotionResult:
+    """Move `alias` to a version through the gates, recording who approved it and why as version tags."""
+    target = get_version(name, version)
+    problems = promotion_problems(target)
+    if problems:
+        raise ValidationFailedError(
+            f"'{name}' version {version} cannot become {alias}: {'; '.join(problems)}.", param="version"
+        )
+    previous = get_alias(name, alias)
+    persisted = False
+    if target.tags.get(TAG_WEIGHTS) != "stored" and not weights_stored(target.uri):
+        persist_weights(name, version)
+        persisted = True
+    client = _client()
+    client.set_registered_model_alias(name, alias, str(version))
+    tags = {
+        TAG_PROMOTED_TO: alias,
+        TAG_PROMOTED_AT: datetime.now(UTC).isoformat(timespec="seconds"),
+        TAG_APPROVED_BY: approver or "",
+        TAG_APPROVAL_COMMENT: comment or "",
+        **dict(extra_tags or {}),
+    }
+    if previous is not None and previous.version != version:
+        tags[TAG_REPLACED] = str(previous.version)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version), key, value)
+    return PromotionResult(
+        alias=alias,
+        version=get_version(name, version),
+        previous=previous.version if previous is not None else None,
+        persisted_weights=persisted,
+    )
+
+
+def rollback(
+    name: str,
+    version: int,
+    *,
+    alias: str = CHAMPION,
+    approver: str | None = None,
+    comment: str | None = None,
+) -> PromotionResult:
+    """Give `alias` back to an earlier version by number (same gates as promotion)."""
+    current = get_alias(name, alias)
+    if current is not None and version >= current.version:
+        raise ConfigError(
+            f"Rollback goes to an earlier version: {alias} is version {current.version}, got {version}.",
+            param="version",
+        )
+    extra = {TAG_ROLLBACK: str(current.version)} if current is not None else {}
+    return promote(
+        name,
+        version,
+        alias=alias,
+        approver=approver,
+        comment=comment or f"rollback from version {current.version if current else '-'}",
+        extra_tags=extra,
+    )

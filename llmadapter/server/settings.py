@@ -1,0 +1,84 @@
+"""ServerSettings: the HTTP server's knobs, read from LLMADAPTER_* environment variables or given directly."""
+
+from __future__ import annotations
+
+import os
+import re
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _default_threads() -> int:
+    # The cores this process may run on (a container's cpuset), not the host's count.
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class ServerSettings(BaseSettings):
+    """How `llmadapter serve` listens, guards and sizes itself; every field has bounds.
+
+    Precedence: values passed to the constructor (the CLI's flags) > LLMADAPTER_<FIELD> > defaults.
+    The API key itself is never a setting: only the *name* of the variable that holds it is, so it
+    never lands in a settings dump, a log line or a process listing.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="LLMADAPTER_", extra="forbid", frozen=True)
+
+    host: str = Field(default="127.0.0.1", min_length=1, description="Interface to listen on.")
+    port: int = Field(default=8080, ge=0, le=65535, description="TCP port (0 picks a free one).")
+    api_key_env: str = Field(
+        default="LLMADAPTER_API_KEY",
+        description="Name of the environment variable holding the bearer key for /v1/* and /invocations; "
+        "when that variable is unset or empty, those routes are open.",
+    )
+    max_body_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=1024,
+        le=1024 * 1024 * 1024,
+        description="Largest request body accepted; larger bodies get a 413 OpenAI error.",
+    )
+    request_timeout_s: float = Field(
+        default=600.0,
+        gt=0,
+        le=24 * 3600,
+        description="Wall-clock limit per request (queueing + generation); past it the generation is "
+        "cancelled and the client gets a 504 (or an error event mid-stream).",
+    )
+    max_queue: int = Field(
+        default=256,
+        ge=1,
+        le=100_000,
+        description="Most generation/embedding requests in flight across all models (queued or running); "
+        "more get a 429 with Retry-After. Each engine also bounds its own queue.",
+    )
+    retry_after_s: int = Field(
+        default=1, ge=1, le=3600, description="Retry-After seconds sent with 429 and 503 answers."
+    )
+    torch_threads: int = Field(
+        default_factory=_default_threads,
+        ge=1,
+        le=1024,
+        description="torch.set_num_threads for the serving process; one process owns the cores and "
+        "batches requests instead of threads competing for them. Default: the number of cores.",
+    )
+    log_level: str = Field(
+        default="info",
+        pattern="^(critical|error|warning|info|debug|trace)$",
+        description="uvicorn and llmadapter log level.",
+    )
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, value: str) -> str:
+        if not _ENV_NAME.match(value):
+            raise ValueError(f"'{value}' is not an environment variable name")
+        return value
+
+    def api_key(self) -> str | None:
+        """The bearer key from the environment, or None when the server runs without one."""
+        return os.environ.get(self.api_key_env) or None

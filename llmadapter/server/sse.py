@@ -1,0 +1,81 @@
+"""Server-sent events in OpenAI's streaming format: `data: {chunk}` lines, `data: [DONE]`, error events."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from pydantic import BaseModel
+
+from llmadapter.server.errors import ErrorAnswer, RequestTimeoutError, to_error_answer
+
+DONE = b"data: [DONE]\n\n"
+MEDIA_TYPE = "text/event-stream"
+# Proxies (nginx) buffer responses unless told not to; a buffered stream has no time to first token.
+HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def encode_chunk(chunk: BaseModel) -> bytes:
+    return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n".encode()
+
+
+def encode_error(answer: ErrorAnswer) -> bytes:
+    # Serialised by the model, never by hand: a quote in a message cannot break the event.
+    return f"data: {answer.json()}\n\n".encode()
+
+
+async def next_before(chunks: AsyncIterator[BaseModel], deadline: float, timeout_s: float) -> BaseModel:
+    """The next chunk, or RequestTimeoutError once the loop-time `deadline` passes."""
+    try:
+        async with asyncio.timeout_at(deadline):
+            return await anext(chunks)
+    except TimeoutError:
+        raise RequestTimeoutError(timeout_s) from None
+
+
+async def aclose(chunks: AsyncIterator[BaseModel]) -> None:
+    """Close an engine stream: for the engine, closing the iterator is what cancels the generation."""
+    close: Callable[[], Awaitable[None]] | None = getattr(chunks, "aclose", None)
+    if close is not None:
+        with contextlib.suppress(Exception):
+            await close()
+
+
+async def event_stream(
+    first: BaseModel,
+    chunks: AsyncIterator[BaseModel],
+    *,
+    deadline: float,
+    timeout_s: float,
+    on_chunk: Callable[[BaseModel], None] = lambda chunk: None,
+    on_error: Callable[[ErrorAnswer], None] = lambda answer: None,
+) -> AsyncIterator[bytes]:
+    """SSE bytes for a stream whose first chunk the caller already fetched (so setup errors got a status).
+
+    An error after the headers went out becomes one error event and ends the stream (no [DONE]), which the
+    openai client raises as APIError. A client disconnect cancels this generator; `finally` then closes the
+    engine's iterator so the generation stops.
+    """
+    try:
+        on_chunk(first)
+        yield encode_chunk(first)
+        while True:
+            try:
+                chunk = await next_before(chunks, deadline, timeout_s)
+            except StopAsyncIteration:
+                break
+            on_chunk(chunk)
+            yield encode_chunk(chunk)
+        yield DONE
+    except Exception as exc:  # any failure mid-stream: the status line is already sent
+        answer = to_error_answer(exc)
+        on_error(answer)
+        yield encode_error(answer)
+    finally:
+        await aclose(chunks)
+
+
+def remaining(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())

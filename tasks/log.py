@@ -1,0 +1,121 @@
+"""Prefect task over llmadapter.log_model: log a resolved source as an llm/v1 MLflow model in a new run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import timedelta
+from typing import Any
+
+from prefect import task
+from prefect.context import TaskRunContext
+from pydantic import BaseModel, ConfigDict
+
+from llmadapter.settings import configure_mlflow, get_settings
+from llmadapter.source import ResolvedSource
+from tasks._retry import retry_on_transient
+
+
+class LoggedModel(BaseModel):
+    """A model logged to MLflow by the log task (what validation and registration need)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model_uri: str
+    run_id: str
+    source: str
+    revision: str
+    task: str
+    config_hash: str
+    save_pretrained: bool
+
+
+def pinned_source(resolved: ResolvedSource) -> str:
+    """The source spelled so that it cannot move: a hub id at its commit sha, else the local path."""
+    # A hub id given by name is re-resolved from the default cache at its sha; a snapshot folder given as
+    # a path (possibly in another cache) stays a path.
+    if (
+        resolved.kind == "hub"
+        and resolved.repo_id is not None
+        and resolved.source.split("@")[0] == resolved.repo_id
+    ):
+        return f"{resolved.repo_id}@{resolved.revision}"
+    if resolved.kind == "gguf" and resolved.gguf_file is not None:
+        return str(resolved.gguf_file)
+    return str(resolved.local_dir)
+
+
+def _log_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
+    """Key on the resolved revision (never a branch name), the config hash and the MLflow store.
+
+    The store is part of the key because a cached result names a run in one particular store.
+    """
+    resolved: ResolvedSource = parameters["resolved"]
+    settings = get_settings()
+    parts = {
+        "source": pinned_source(resolved),
+        "revision": resolved.revision,
+        "task": parameters["task"],
+        "config_hash": parameters["config_hash"],
+        "save_pretrained": parameters.get("save_pretrained", True),
+        "tracking_uri": settings.resolved_tracking_uri(),
+        "experiment": settings.experiment_name,
+    }
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+    return f"llmadapter-log-{digest}"
+
+
+@task(
+    name="log",
+    retries=2,
+    retry_delay_seconds=[5, 30],
+    retry_condition_fn=retry_on_transient,
+    cache_key_fn=_log_cache_key,
+    cache_expiration=timedelta(days=7),
+    persist_result=True,
+    task_run_name="log {task} model",
+)
+def log_model(
+    resolved: ResolvedSource,
+    task: str,
+    model_config: dict[str, Any],
+    config_hash: str,
+    save_pretrained: bool = True,
+    run_name: str | None = None,
+) -> LoggedModel:
+    """Log the resolved source with llmadapter.log_model in a new MLflow run (nothing is registered)."""
+    import mlflow
+
+    import llmadapter
+
+    configure_mlflow()
+    source = pinned_source(resolved)
+    tags = {
+        "source": resolved.source,
+        "revision": resolved.revision,
+        "task": task,
+        "model_config_hash": config_hash,
+    }
+    with mlflow.start_run(run_name=run_name, tags=tags) as run:
+        mlflow.log_params(
+            {
+                "source": resolved.source,
+                "source_kind": resolved.kind,
+                "revision": resolved.revision,
+                "task": task,
+                "save_pretrained": save_pretrained,
+                "model_config": json.dumps(model_config, sort_keys=True),
+            }
+        )
+        info = llmadapter.log_model(
+            source, name="model", task=task, model_config=model_config, save_pretrained=save_pretrained
+        )
+    return LoggedModel(
+        model_uri=info.model_uri,
+        run_id=run.info.run_id,
+        source=resolved.source,
+        revision=resolved.revision,
+        task=task,
+        config_hash=config_hash,
+        save_pretrained=save_pretrained,
+    )

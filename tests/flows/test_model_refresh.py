@@ -1,0 +1,62 @@
+"""The model-refresh flow against a real Hugging Face cache layout, offline (HF_HUB_OFFLINE=1)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from prefect.server.schemas.schedules import CronSchedule
+
+from flows._params import ModelSpec
+from flows.model_refresh import model_refresh
+from llmadapter import registry
+from llmadapter.testing import HubCache
+from tasks.validate import ValidationOptions
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def test_refresh_registers_only_when_upstream_moved(store: str, hub_cache: HubCache) -> None:
+    spec = ModelSpec(
+        source=hub_cache.repo_id,
+        model_name="tiny-hub",
+        validation=ValidationOptions(fresh_process=False),
+    )
+
+    first = model_refresh(models=[spec])
+    assert [o.outcome for o in first] == ["registered v1"]
+    assert registry.get_version("tiny-hub", 1).revision == hub_cache.sha
+
+    unchanged = model_refresh(models=[spec])
+    assert [o.outcome for o in unchanged] == ["up to date"]
+    assert [v.version for v in registry.list_versions("tiny-hub")] == [1]
+
+    # Upstream pushes a new commit on main (here: a different generation config); the cache's ref moves.
+    new_sha = hub_cache.add_commit({"generation_config.json": json.dumps({"max_new_tokens": 7})})
+    changed = model_refresh(models=[spec])
+    assert [(o.latest_revision, o.outcome) for o in changed] == [(new_sha, "registered v2")]
+    latest = registry.get_version("tiny-hub", 2)
+    assert latest.revision == new_sha
+    assert latest.aliases == ["challenger"]
+
+
+def test_refresh_reports_a_source_it_cannot_see_offline(store: str, hub_cache: HubCache) -> None:
+    outcomes = model_refresh(models=[ModelSpec(source="acme/not-in-the-cache", model_name="ghost")])
+
+    assert [o.outcome for o in outcomes] == ["unknown upstream"]
+    assert registry.list_versions("ghost") == []
+
+
+def test_nightly_deployment_is_a_daily_cron() -> None:
+    import yaml
+
+    from tests.flows.test_deployments import project_root
+
+    config = yaml.safe_load((project_root() / "prefect.yaml").read_text())
+    (nightly,) = [d for d in config["deployments"] if d["name"] == "nightly"]
+    (schedule,) = nightly["schedules"]
+    cron = CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])
+    first, second = asyncio.run(cron.get_dates(2))
+    assert (second - first).total_seconds() == 24 * 3600
+    assert nightly["entrypoint"] == "flows/model_refresh.py:model_refresh"

@@ -1,0 +1,91 @@
+"""Retries only on transient failures: the condition, and Prefect actually applying it."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+import requests
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE
+from prefect import flow, task
+
+from llmadapter.errors import ConfigError, ModelSourceError, ValidationFailedError
+from tasks import download, log, register
+from tasks._retry import is_transient, retry_on_transient
+
+
+@pytest.mark.parametrize(
+    ("exc", "transient"),
+    [
+        (ConnectionError("reset"), True),
+        (TimeoutError(), True),
+        (requests.ConnectionError("refused"), True),
+        (sqlite3.OperationalError("database is locked"), True),
+        (MlflowException("busy", error_code=TEMPORARILY_UNAVAILABLE), True),
+        (ModelSourceError("hub down", param="source", code="hub_unreachable"), True),
+        (ModelSourceError("no such repo", param="source", code="repo_not_found"), False),
+        (ConfigError("bad key", param="temperature"), False),
+        (ValidationFailedError("failed"), False),
+        (MlflowException("no such model", error_code=RESOURCE_DOES_NOT_EXIST), False),
+        (ValueError("bug"), False),
+    ],
+    ids=[
+        "connection",
+        "timeout",
+        "requests-connection",
+        "sqlite-locked",
+        "mlflow-unavailable",
+        "hub-unreachable",
+        "repo-not-found",
+        "config-error",
+        "validation-failed",
+        "mlflow-not-found",
+        "plain-bug",
+    ],
+)
+def test_is_transient(exc: BaseException, transient: bool) -> None:
+    assert is_transient(exc) is transient
+
+
+def test_a_wrapped_transient_cause_is_transient() -> None:
+    try:
+        try:
+            raise ConnectionError("reset")
+        except ConnectionError as inner:
+            raise RuntimeError("upload failed") from inner
+    except RuntimeError as outer:
+        assert is_transient(outer)
+
+
+@pytest.mark.usefixtures("prefect_harness")
+@pytest.mark.parametrize(
+    ("error", "calls"), [(ConnectionError, 3), (ConfigError, 1)], ids=["transient", "user"]
+)
+def test_prefect_retries_transient_failures_only(error: type[Exception], calls: int) -> None:
+    attempts: list[int] = []
+
+    @task(retries=2, retry_delay_seconds=0, retry_condition_fn=retry_on_transient)
+    def flaky() -> str:
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise error("boom")
+        return "ok"
+
+    @flow
+    def run() -> str:
+        return flaky()
+
+    state = run(return_state=True)
+    assert len(attempts) == calls
+    assert state.is_completed() is (calls == 3)
+
+
+@pytest.mark.parametrize(
+    "prefect_task",
+    [download.download_model, download.check_latest_revision, log.log_model, register.register_model],
+    ids=["download", "latest-revision", "log", "register"],
+)
+def test_network_facing_tasks_retry_on_transient_errors(prefect_task: object) -> None:
+    assert prefect_task.retries >= 2  # type: ignore[attr-defined]
+    assert prefect_task.retry_condition_fn is retry_on_transient  # type: ignore[attr-defined]

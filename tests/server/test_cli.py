@@ -1,0 +1,223 @@
+"""`llmadapter serve` as a user runs it (a real process, a logged model), and `mlflow models serve` too."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from llmadapter.cli import build_parser, main, model_id
+from llmadapter.testing import TRAINED_ANSWER
+
+HELLO = [{"role": "user", "content": "Hello"}]
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("models:/chat-model@champion", "chat-model"),
+        ("models:/chat-model/3", "chat-model"),
+        ("models:/chat-model/latest", "chat-model"),
+        ("runs:/0a1b2c/model", "model"),
+        ("runs:/0a1b2c/llm/chat", "chat"),
+        ("/data/models/smollm2/", "smollm2"),
+        ("relative/minilm", "minilm"),
+        ("file:///srv/models/tiny", "tiny"),
+        ("mlflow-artifacts:/1/abc/artifacts/model", "model"),
+    ],
+    ids=["alias", "version", "latest", "run", "run-nested", "abs-path", "rel-path", "file-uri", "artifacts"],
+)
+def test_model_id_defaults(uri: str, expected: str) -> None:
+    assert model_id(uri) == expected
+
+
+def test_every_server_setting_is_a_flag() -> None:
+    args = build_parser().parse_args(
+        ["serve", "models:/a@x", "--port", "9000", "--max-queue", "4", "--request-timeout-s", "2.5"]
+    )
+    assert (args.port, args.max_queue, args.request_timeout_s) == ("9000", "4", "2.5")
+    assert args.host is None  # not given: the environment or the default decides
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["serve", "a", "--port", "70000"], "--port"),
+        (["serve", "a", "--max-body-bytes", "10"], "--max-body-bytes"),
+        (["serve", "a", "b", "--name", "x"], "once per URI"),
+        (["serve", "models:/m@a", "models:/m@b"], "--name"),
+        (["serve", "a", "--api-key-env", "LLMADAPTER_TEST_UNSET_KEY"], "LLMADAPTER_TEST_UNSET_KEY"),
+    ],
+    ids=["port-range", "body-limit", "name-count", "duplicate-ids", "unset-key-variable"],
+)
+def test_bad_arguments_exit_2_before_loading(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def _process(argv: list[str], env: dict[str, str], url: str, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A server process, stopped with SIGINT (Ctrl-C) at the end; fails fast if it dies."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"{argv[0]} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(url, timeout=2).status_code < 500:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{argv[0]} did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture()
+def logged_chat(mlflow_store: str, trained_model: Path) -> str:
+    import mlflow
+
+    import llmadapter
+
+    with mlflow.start_run():
+        llmadapter.log_model(
+            str(trained_model),
+            name="model",
+            task="llm/v1/chat",
+            model_config={"temperature": 0, "max_tokens": 100},
+            registered_model_name="tiny-chat",
+        )
+    return "models:/tiny-chat/1"
+
+
+def _wait_ready(url: str) -> None:
+    deadline = time.monotonic() + 180
+    while httpx.get(f"{url}/ready", timeout=5).status_code != 200:
+        assert time.monotonic() < deadline, "never ready"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_serve_a_registered_model_with_an_api_key(logged_chat: str, tmp_path: Path) -> None:
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "MY_SERVER_KEY": "sk-cli-test"}
+    argv = [sys.executable, "-m", "llmadapter.cli", "serve", logged_chat, "--port", str(port)]
+    argv += ["--api-key-env", "MY_SERVER_KEY", "--torch-threads", "1"]
+    with _process(argv, env, f"{url}/health", tmp_path / "serve.log") as proc:
+        _wait_ready(url)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="sk-cli-test", max_retries=0)
+        assert [m.id for m in client.models.list()] == ["tiny-chat"]
+        answer = client.chat.completions.create(model="tiny-chat", messages=HELLO, temperature=0)
+        assert answer.choices[0].message.content == TRAINED_ANSWER
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
+        metrics = httpx.get(f"{url}/metrics").text
+        assert (
+            'llmadapter_requests_total{model="tiny-chat",route="/v1/chat/completions",status="200"} 1.0'
+            in metrics
+        )
+    assert proc.returncode == 0
+    assert "sk-cli-test" not in (tmp_path / "serve.log").read_text()
+
+
+@pytest.mark.slow
+def test_served_model_uses_its_stored_model_config(logged_chat: str, tmp_path: Path) -> None:
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    argv = [sys.executable, "-m", "llmadapter.cli", "serve", logged_chat, "--port", str(port)]
+    with _process(argv, {**os.environ}, f"{url}/health", tmp_path / "serve.log"):
+        _wait_ready(url)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        # Logged with model_config temperature 0 and max_tokens 100: greedy, so the trained answer each time.
+        for _ in range(3):
+            answer = client.chat.completions.create(model="tiny-chat", messages=HELLO)
+            assert answer.choices[0].message.content == TRAINED_ANSWER
+
+
+@pytest.mark.slow
+def test_serve_exits_1_when_a_model_cannot_load(tmp_path: Path) -> None:
+    port = _free_port()
+    argv = [sys.executable, "-m", "llmadapter.cli", "serve", str(tmp_path / "missing"), "--port", str(port)]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=180, env={**os.environ})
+    assert result.returncode == 1
+    assert "could not load missing" in result.stderr
+
+
+def _comparable(answer: Any) -> Any:
+    """An answer without what differs between two servers run for run (ids, timestamps)."""
+    if isinstance(answer, dict):
+        return {k: _comparable(v) for k, v in answer.items() if k not in ("id", "created")}
+    if isinstance(answer, list):
+        return [_comparable(v) for v in answer]
+    return answer
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_invocations_like_our_server(logged_chat: str, tmp_path: Path) -> None:
+    """`mlflow models serve` runs our pyfunc; our /invocations gives the same answers for the same bodies."""
+    ours_port, mlflow_port = _free_port(), _free_port()
+    ours_url, mlflow_url = f"http://127.0.0.1:{ours_port}", f"http://127.0.0.1:{mlflow_port}"
+    env = {**os.environ}
+    ours = [sys.executable, "-m", "llmadapter.cli", "serve", logged_chat, "--port", str(ours_port)]
+    ours += ["--torch-threads", "1"]
+    theirs = [sys.executable, "-m", "mlflow", "models", "serve", "-m", logged_chat, "--env-manager", "local"]
+    theirs += ["-h", "127.0.0.1", "-p", str(mlflow_port)]
+    bodies = [
+        {"messages": HELLO, "temperature": 0},
+        {"messages": HELLO, "max_tokens": 5, "stop": ["quick"], "temperature": 0},
+        {
+            "dataframe_records": [
+                # Same keys in every row: MLflow's schema enforcement refuses NaN in an integer column.
+                {"messages": HELLO, "max_tokens": 4, "n": 1, "temperature": 0},
+                {"messages": HELLO, "max_tokens": 100, "n": 2, "temperature": 0},
+            ]
+        },
+        {"dataframe_split": {"columns": ["messages", "max_tokens", "temperature"], "data": [[HELLO, 3, 0]]}},
+        {"inputs": {"messages": HELLO, "max_tokens": 6, "temperature": 0}},
+    ]
+    with (
+        _process(theirs, env, f"{mlflow_url}/ping", tmp_path / "mlflow.log"),
+        _process(ours, env, f"{ours_url}/health", tmp_path / "ours.log"),
+    ):
+        _wait_ready(ours_url)
+        for body in bodies:
+            expected = httpx.post(f"{mlflow_url}/invocations", json=body, timeout=120)
+            got = httpx.post(f"{ours_url}/invocations", json=body, timeout=120)
+            assert expected.status_code == got.status_code == 200, (body, expected.text, got.text)
+            assert _comparable(got.json()) == _comparable(expected.json()), body
+        first = httpx.post(f"{mlflow_url}/invocations", json=bodies[0], timeout=120).json()
+        assert first["choices"][0]["message"]["content"] == TRAINED_ANSWER
+        assert first["model"] == "tiny-chat"

@@ -1,0 +1,98 @@
+"""POST /invocations: the request formats `mlflow models serve` accepts, answered by our batched engine."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from llmadapter.engine.base import Engine
+from llmadapter.server.app import build_app
+from llmadapter.testing import TRAINED_ANSWER
+from tests.server.conftest import CHAT_ID, EMBEDDINGS_ID, RunningServer, serve, settings
+
+HELLO = [{"role": "user", "content": "Hello"}]
+
+
+@pytest.fixture(scope="module")
+def chat_only(chat_engine: Engine) -> Iterator[RunningServer]:
+    """One model, as `mlflow models serve` has."""
+    with serve(build_app({CHAT_ID: chat_engine}, settings())) as running:
+        yield running
+
+
+def _post(server: RunningServer, body: object) -> httpx.Response:
+    return httpx.post(f"{server.url}/invocations", json=body, timeout=60)
+
+
+def _texts(predictions: list[dict]) -> list[str]:
+    return [p["choices"][0]["message"]["content"] for p in predictions]
+
+
+def test_plain_openai_body_is_answered_unwrapped(chat_only: RunningServer) -> None:
+    response = _post(chat_only, {"messages": HELLO, "temperature": 0, "max_tokens": 100})
+    assert response.status_code == 200
+    answer = response.json()
+    assert answer["object"] == "chat.completion"
+    assert answer["choices"][0]["message"]["content"] == TRAINED_ANSWER
+    assert answer["model"] == CHAT_ID
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {
+            "dataframe_split": {
+                "columns": ["messages", "max_tokens", "temperature"],
+                "data": [[HELLO, 4, 0], [HELLO, 100, 0]],
+            }
+        },
+        {"dataframe_records": [{"messages": HELLO, "max_tokens": 4}, {"messages": HELLO, "max_tokens": 100}]},
+        {"instances": [{"messages": HELLO, "max_tokens": 4}, {"messages": HELLO}]},
+        {"inputs": {"messages": [HELLO, HELLO], "max_tokens": [4, 100]}},
+        {"inputs": [{"messages": HELLO, "max_tokens": 4}, {"messages": HELLO, "max_tokens": None}]},
+    ],
+    ids=["dataframe_split", "dataframe_records", "instances", "inputs-columns", "inputs-records"],
+)
+def test_mlflow_formats_give_one_prediction_per_row(chat_only: RunningServer, body: dict) -> None:
+    # `params` fills what a row leaves out (temperature 0 here, max_tokens for the short rows).
+    response = _post(chat_only, {**body, "params": {"temperature": 0, "max_tokens": 100}})
+    assert response.status_code == 200, response.text
+    predictions = response.json()["predictions"]
+    assert _texts(predictions) == [TRAINED_ANSWER[: len(_texts(predictions)[0])], TRAINED_ANSWER]
+    assert [p["choices"][0]["finish_reason"] for p in predictions] == ["length", "stop"]
+    assert predictions[0]["usage"]["completion_tokens"] == 4
+
+
+def test_a_single_row_is_one_prediction_object(chat_only: RunningServer) -> None:
+    # As our pyfunc's predict (and so `mlflow models serve`) returns one dict for one request.
+    response = _post(
+        chat_only, {"dataframe_records": [{"messages": HELLO, "temperature": 0, "max_tokens": 100}]}
+    )
+    assert response.json()["predictions"]["choices"][0]["message"]["content"] == TRAINED_ANSWER
+
+
+def test_stream_flag_is_ignored_as_pyfunc_predict_does(chat_only: RunningServer) -> None:
+    response = _post(chat_only, {"messages": HELLO, "temperature": 0, "max_tokens": 100, "stream": True})
+    assert response.status_code == 200
+    assert response.json()["choices"][0]["message"]["content"] == TRAINED_ANSWER
+
+
+def test_row_errors_name_the_parameter(chat_only: RunningServer) -> None:
+    response = _post(chat_only, {"dataframe_records": [{"messages": HELLO}, {"messages": HELLO, "n": 0}]})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "n"
+
+
+def test_several_models_need_a_model_field(server: RunningServer) -> None:
+    missing = _post(server, {"messages": HELLO})
+    assert missing.status_code == 400
+    assert missing.json()["error"]["param"] == "model"
+    response = _post(server, {"model": EMBEDDINGS_ID, "input": ["Hello", "Hello, how are you?"]})
+    assert response.status_code == 200
+    assert [d["index"] for d in response.json()["data"]] == [0, 1]
+    split = _post(
+        server, {"dataframe_split": {"columns": ["model", "input"], "data": [[EMBEDDINGS_ID, "Hello"]]}}
+    )
+    assert len(split.json()["predictions"]["data"][0]["embedding"]) == 384

@@ -1,0 +1,209 @@
+"""llmadapter.registry against a real MLflow SQLite registry and real model_uri tiny models."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import pytest
+
+import llmadapter
+from llmadapter import registry
+from llmadapter.errors import ConfigError, NotFoundError, ValidationFailedError
+from llmadapter.testing import HubCache
+from llmadapter.validation import CheckResult, ValidationReport
+
+CHAT = "llm/v1/chat"
+
+
+def _report(uri: str, status: str = "passed") -> ValidationReport:
+    check = CheckResult(name="sample:chat-greedy", passed=status == "passed", latency_s=0.25)
+    return ValidationReport(model_uri=uri, task=CHAT, status=status, checks=[check])  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One SQLite store for the module (creating MLflow's tables costs seconds); tests use own names."""
+    root = tmp_path_factory.mktemp("registry")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("MLFLOW_REGISTRY_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        mlflow.set_experiment(experiment_id=mlflow.create_experiment("registry", (root / "art").as_uri()))
+        yield uri
+        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def model_uri(store: str, tiny_gpt2: Path) -> str:
+    with mlflow.start_run():
+        return llmadapter.log_model(str(tiny_gpt2), name="model", task=CHAT).model_uri
+
+
+@pytest.fixture()
+def name(request: pytest.FixtureRequest) -> str:
+    """A registered-model name of the test's own, so tests share the store but not the registry entries."""
+    return request.node.name.removeprefix("test_")[:60]
+
+
+def _register(uri: str, name: str, revision: str = "a" * 40, chash: str = "c1") -> registry.RegisteredVersion:
+    version, _ = registry.register_version(
+        uri, name, source="acme/tiny", revision=revision, task=CHAT, config_hash=chash, report=_report(uri)
+    )
+    return version
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "same"),
+    [
+        ({}, {"temperature": 1.0}, True),
+        ({}, None, True),
+        ({"temperature": 0.5}, {"temperature": 0.6}, False),
+        ({"stop": "x"}, {"stop": ["x"]}, True),
+    ],
+    ids=["defaults-filled", "none-is-empty", "value-differs", "stop-string-is-list"],
+)
+def test_config_hash_is_the_validated_config(a: dict | None, b: dict | None, same: bool) -> None:
+    assert (registry.config_hash(CHAT, a) == registry.config_hash(CHAT, b)) is same
+
+
+def test_config_hash_refuses_unknown_keys_naming_them() -> None:
+    with pytest.raises(ConfigError) as info:
+        registry.config_hash(CHAT, {"temprature": 0.5})
+    assert info.value.param == "temprature"
+
+
+def test_register_is_idempotent_per_revision_task_and_config(model_uri: str, name: str) -> None:
+    first, created = registry.register_version(
+        model_uri,
+        name,
+        source="acme/tiny",
+        revision="a" * 40,
+        task=CHAT,
+        config_hash="c1",
+        report=_report(model_uri),
+    )
+    again, created_again = registry.register_version(
+        model_uri,
+        name,
+        source="acme/tiny",
+        revision="a" * 40,
+        task=CHAT,
+        config_hash="c1",
+        report=_report(model_uri),
+    )
+    other_revision = _register(model_uri, name, revision="b" * 40)
+    other_config = _register(model_uri, name, chash="c2")
+
+    assert (created, created_again) == (True, False)
+    assert again.version == first.version == 1
+    assert (other_revision.version, other_config.version) == (2, 3)
+    assert first.tags | {} == {
+        "source": "acme/tiny",
+        "revision": "a" * 40,
+        "task": CHAT,
+        "model_config_hash": "c1",
+        "weights": "stored",
+        "validation_status": "passed",
+        "validation_checks": "1/1",
+        "validation_p50_latency_s": "0.2500",
+        "validation_max_latency_s": "0.2500",
+    }
+    found = registry.find_version(name, revision="b" * 40, task=CHAT, config_hash="c1")
+    assert found is not None and found.version == 2
+    assert registry.find_version(name, revision="c" * 40, task=CHAT, config_hash="c1") is None
+
+
+def test_a_failed_report_registers_nothing(model_uri: str, name: str) -> None:
+    with pytest.raises(ValidationFailedError, match="Refusing to register"):
+        registry.register_version(
+            model_uri,
+            name,
+            source="s",
+            revision="r",
+            task=CHAT,
+            config_hash="c",
+            report=_report(model_uri, "failed"),
+        )
+    assert registry.list_versions(name) == []
+
+
+def test_promote_moves_the_alias_and_records_approver_and_comment(model_uri: str, name: str) -> None:
+    v1, v2 = _register(model_uri, name, revision="1" * 40), _register(model_uri, name, revision="2" * 40)
+    registry.promote(name, v1.version)
+
+    result = registry.promote(name, v2.version, approver="alice", comment="faster")
+
+    assert (result.previous, result.version.version, result.version.aliases) == (1, 2, ["champion"])
+    assert result.version.tags["approved_by"] == "alice"
+    assert result.version.tags["approval_comment"] == "faster"
+    assert result.version.tags["replaced_version"] == "1"
+    assert registry.get_version(name, 1).aliases == []
+    assert [v.aliases for v in registry.list_versions(name)] == [["champion"], []]
+
+
+def test_promotion_gate_refuses_a_version_that_did_not_pass(model_uri: str, name: str) -> None:
+    v1 = _register(model_uri, name)
+    mlflow.MlflowClient().set_model_version_tag(name, "1", "validation_status", "failed")
+
+    with pytest.raises(ValidationFailedError, match="validation_status") as info:
+        registry.promote(name, v1.version)
+    assert info.value.param == "version"
+    assert registry.get_alias(name, "champion") is None
+
+
+def test_rollback_to_an_earlier_version_number(model_uri: str, name: str) -> None:
+    for n in "123":
+        _register(model_uri, name, revision=n * 40)
+    registry.promote(name, 3)
+
+    result = registry.rollback(name, 1, approver="bob")
+
+    assert (result.previous, result.version.version) == (3, 1)
+    assert result.version.tags["rollback_from_version"] == "3"
+    assert result.version.tags["approval_comment"] == "rollback from version 3"
+    with pytest.raises(ConfigError, match="earlier version") as info:
+        registry.rollback(name, 2)
+    assert info.value.param == "version"
+
+
+def test_unknown_model_version_and_alias(model_uri: str, name: str) -> None:
+    _register(model_uri, name)
+    with pytest.raises(NotFoundError) as no_model:
+        registry.get_version("nope", 1)
+    with pytest.raises(NotFoundError) as no_version:
+        registry.get_version(name, 9)
+    assert (no_model.value.param, no_version.value.param) == ("model_name", "version")
+    assert registry.get_alias(name, "champion") is None
+    assert registry.get_alias("nope", "champion") is None
+    assert registry.list_versions("nope") == []
+
+
+def test_persist_weights_copies_a_hub_reference_into_the_artifact(
+    store: str, name: str, hub_cache: HubCache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub.constants as hf_constants
+
+    with mlflow.start_run():
+        uri = llmadapter.log_model(
+            hub_cache.repo_id, name="model", task=CHAT, save_pretrained=False
+        ).model_uri
+    version = _register(uri, name, revision=hub_cache.sha)
+    assert version.tags["weights"] == "hub-reference"
+    assert not registry.weights_stored(version.uri)
+
+    persisted = registry.persist_weights(name, version.version)
+
+    assert persisted.tags["weights"] == "stored"
+    assert registry.weights_stored(version.uri)
+    assert registry.persist_weights(name, version.version).tags["weights"] == "stored"  # idempotent
+    empty = tmp_path / "empty-cache"
+    empty.mkdir()
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(empty))
+    answer = mlflow.pyfunc.load_model(version.uri).predict(
+        {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    )
+    assert answer["object"] == "chat.completion"

@@ -1,0 +1,84 @@
+"""llmadapter.settings: where state lives and which MLflow stores are used (env precedence)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from llmadapter.settings import LLMAdapterSettings, configure_mlflow
+
+
+@pytest.fixture()
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    for var in (
+        "MLFLOW_TRACKING_URI",
+        "MLFLOW_REGISTRY_URI",
+        "LLMADAPTER_TRACKING_URI",
+        "LLMADAPTER_REGISTRY_URI",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_defaults_are_a_sqlite_store_in_the_data_dir_under_the_current_directory(clean_env: Path) -> None:
+    settings = LLMAdapterSettings()
+
+    assert settings.data_dir == clean_env / ".llmadapter"
+    assert settings.resolved_tracking_uri() == f"sqlite:///{clean_env / '.llmadapter' / 'mlflow.db'}"
+    assert settings.resolved_registry_uri() == settings.resolved_tracking_uri()
+    assert settings.local_artifact_dir() == clean_env / ".llmadapter" / "mlartifacts"
+
+
+@pytest.mark.parametrize(
+    ("env", "tracking", "registry"),
+    [
+        ({"MLFLOW_TRACKING_URI": "http://mlflow:5000"}, "http://mlflow:5000", "http://mlflow:5000"),
+        (
+            {"MLFLOW_TRACKING_URI": "http://t", "MLFLOW_REGISTRY_URI": "http://r"},
+            "http://t",
+            "http://r",
+        ),
+        (
+            {"MLFLOW_TRACKING_URI": "http://mlflow", "LLMADAPTER_TRACKING_URI": "http://ours"},
+            "http://ours",
+            "http://ours",
+        ),
+        ({"LLMADAPTER_REGISTRY_URI": "http://reg"}, None, "http://reg"),
+    ],
+    ids=["mlflow-own-variable", "mlflow-both", "prefixed-wins", "registry-only"],
+)
+def test_uri_precedence(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch, env: dict[str, str], tracking: str | None, registry: str
+) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings = LLMAdapterSettings()
+
+    assert settings.resolved_tracking_uri() == (tracking or settings.default_store_uri)
+    assert settings.resolved_registry_uri() == registry
+
+
+def test_bad_values_are_refused_naming_the_field(clean_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLMADAPTER_VALIDATION_TIMEOUT_S", "-1")
+    with pytest.raises(ValueError, match="validation_timeout_s"):
+        LLMAdapterSettings()
+
+
+def test_configure_mlflow_creates_the_experiment_with_artifacts_in_the_data_dir(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LLMADAPTER_DATA_DIR", str(clean_env / "data"))
+    try:
+        experiment_id = configure_mlflow()
+        again = configure_mlflow()
+
+        experiment = mlflow.get_experiment(experiment_id)
+        assert again == experiment_id
+        assert experiment.name == "llmadapter"
+        assert experiment.artifact_location == (clean_env / "data" / "mlartifacts").as_uri()
+        assert mlflow.get_tracking_uri() == f"sqlite:///{clean_env / 'data' / 'mlflow.db'}"
+    finally:
+        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
