@@ -1,26 +1,14 @@
 """Flow-test fixtures: one Prefect test harness per session, MLflow stores, registered tiny models.
 
-Prefect reads PREFECT_HOME (and its other settings) when it is first imported, so they are set here,
-at import of this conftest, before any flow module is collected.
+PREFECT_HOME and Prefect's other settings are set in the root conftest, before anything imports Prefect.
 """
 
 from __future__ import annotations
 
-import atexit
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-_PREFECT_HOME = tempfile.mkdtemp(prefix="llmadapter-prefect-")
-atexit.register(shutil.rmtree, _PREFECT_HOME, ignore_errors=True)
-os.environ["PREFECT_HOME"] = _PREFECT_HOME
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-
-import pytest  # noqa: E402
+import pytest
 
 
 @pytest.fixture(scope="session")
