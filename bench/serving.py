@@ -127,11 +127,15 @@ def free_port() -> int:
 
 
 @contextmanager
-def running(argv: list[str], ready_url: str, log: Path, timeout_s: float = 600) -> Iterator[None]:
+def running(
+    argv: list[str], ready_url: str, log: Path, threads: int, timeout_s: float = 600
+) -> Iterator[None]:
     import httpx
 
+    # `mlflow models serve` has no thread setting; torch reads OMP_NUM_THREADS when it starts.
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     with log.open("wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ})
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + timeout_s
         while True:
@@ -227,11 +231,14 @@ async def drive(target: str, send: Send, concurrency: int, total: int) -> Result
 # -- the ceiling ------------------------------------------------------------------------------------
 
 
-def padded_generate(folder: Path, levels: list[int], tokens: int) -> tuple[list[Result], float, float]:
+def padded_generate(
+    folder: Path, levels: list[int], tokens: int, threads: int
+) -> tuple[list[Result], float, float]:
     """One left-padded generate batch per level; also (prefill s, one decode step s) at batch 1."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(folder), padding_side="left")
     if tokenizer.pad_token is None:
@@ -313,7 +320,13 @@ def print_ratios(results: list[Result], prefill_s: float, step_s: float, levels:
 
 
 def bench(
-    kind: str, levels: list[int], tokens: int, min_requests: int, data_dir: Path, workers: list[int]
+    kind: str,
+    levels: list[int],
+    tokens: int,
+    min_requests: int,
+    data_dir: Path,
+    workers: list[int],
+    threads: int,
 ) -> None:
     folder = model_folder(kind, data_dir)
     with tempfile.TemporaryDirectory(prefix="serving-bench-") as tmp_name:
@@ -323,7 +336,8 @@ def bench(
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         ours_argv = [sys.executable, "-m", "llmadapter.cli", "serve", ours_uri, "--port", str(port)]
-        with running([*ours_argv, "--log-level", "warning"], f"{url}/ready", tmp / "ours.log"):
+        ours_argv += ["--torch-threads", str(threads)]
+        with running([*ours_argv, "--log-level", "warning"], f"{url}/ready", tmp / "ours.log", threads):
             for c in levels:
                 total = max(c, min_requests)
                 results.append(asyncio.run(drive("ours", ours_send(url, tokens, False), c, total)))
@@ -343,11 +357,11 @@ def bench(
                 "local",
             ]
             argv += ["-h", "127.0.0.1", "-p", str(port), "-w", str(n), "-t", "3600"]
-            with running(argv, f"{url}/ping", tmp / f"mlflow-{n}.log"):
+            with running(argv, f"{url}/ping", tmp / f"mlflow-{n}.log", threads):
                 for c in levels:
                     total = max(c, min_requests)
                     results.append(asyncio.run(drive(f"mlflow {n}w", mlflow_send(url, tokens), c, total)))
-        ceiling, prefill, step = padded_generate(folder, levels, tokens)
+        ceiling, prefill, step = padded_generate(folder, levels, tokens, threads)
         results.extend(ceiling)
     order = {"ours": 0, "ours (stream)": 1, "mlflow 1w": 2, "mlflow 2w": 3, "generate (padded)": 4}
     results.sort(key=lambda r: (r.concurrency, order[r.target]))
@@ -366,6 +380,12 @@ def main() -> None:
     parser.add_argument("--workers", default="1,2", help="`mlflow models serve` worker counts")
     parser.add_argument("--data-dir", type=Path, default=ROOT / ".llmadapter")
     parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="torch threads of every contender (per process: `mlflow models serve -w 2` uses twice as many)",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="tiny model, 1 and 8 clients, 4 requests, 1 worker"
     )
     args = parser.parse_args()
@@ -373,9 +393,9 @@ def main() -> None:
         args.model, args.concurrency, args.min_requests, args.workers = "tiny", "1,8", 4, "1"
     levels = [int(c) for c in args.concurrency.split(",")]
     workers = [int(w) for w in args.workers.split(",")]
-    print(f"machine: {os.cpu_count()} cores; python {sys.version.split()[0]}")
+    print(f"machine: {os.cpu_count()} cores, torch threads {args.torch_threads}, python {sys.version[:7]}")
     for kind in ["tiny", "smollm2"] if args.model == "both" else [args.model]:
-        bench(kind, levels, args.tokens, args.min_requests, args.data_dir, workers)
+        bench(kind, levels, args.tokens, args.min_requests, args.data_dir, workers, args.torch_threads)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,11 @@ closes a model itself: whoever made the engines owns them (the CLI, a test fixtu
 Model lookup: a request's `model` must be the id of a served model (404 `model_not_found` otherwise;
 400 naming `model` when that model serves another task). When `model` is omitted and exactly one loaded
 model serves the route's task, that model answers; OpenAI clients always send it.
+
+Guards: a bearer key (when the variable named by `api_key_env` is set) on /v1/* and /invocations;
+/health, /ready and /metrics stay open for probes and scrapes. Every generation request holds one of
+`max_queue` slots (429 with Retry-After past it), must finish within `request_timeout_s` (504, or an
+error event mid-stream) and is cancelled in the engine when its client disconnects.
 """
 
 from __future__ import annotations
