@@ -413,7 +413,9 @@ def build_engine(
     flavor = mlmodel.flavors[FLAVOR_NAME]
     extras = _read_extras(path)
     spec = get_task(extras["inference_task"])
-    stored = dict(mlmodel.flavors.get("python_function", {}).get("model_config") or {})
+    pyfunc_conf = mlmodel.flavors.get("python_function", {})
+    # MLflow stores the pyfunc model_config under "config".
+    stored = dict(pyfunc_conf.get("config") or pyfunc_conf.get("model_config") or {})
     stored.update(model_config or {})
     config = parse_model_config(spec.inference_task, stored)
     name = model_name or extras["served_model_name"]

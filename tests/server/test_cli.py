@@ -21,6 +21,8 @@ from llmadapter.cli import build_parser, main, model_id
 from llmadapter.testing import TRAINED_ANSWER
 
 HELLO = [{"role": "user", "content": "Hello"}]
+# The logged model's model_config cuts answers at this many tokens unless a request says otherwise.
+STORED_MAX_TOKENS = 12
 
 
 @pytest.mark.parametrize(
@@ -116,7 +118,7 @@ def logged_chat(mlflow_store: str, trained_model: Path) -> str:
             str(trained_model),
             name="model",
             task="llm/v1/chat",
-            model_config={"temperature": 0, "max_tokens": 100},
+            model_config={"temperature": 0, "max_tokens": STORED_MAX_TOKENS},
             registered_model_name="tiny-chat",
         )
     return "models:/tiny-chat/1"
@@ -140,7 +142,9 @@ def test_serve_a_registered_model_with_an_api_key(logged_chat: str, tmp_path: Pa
         _wait_ready(url)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="sk-cli-test", max_retries=0)
         assert [m.id for m in client.models.list()] == ["tiny-chat"]
-        answer = client.chat.completions.create(model="tiny-chat", messages=HELLO, temperature=0)
+        answer = client.chat.completions.create(
+            model="tiny-chat", messages=HELLO, temperature=0, max_tokens=100
+        )
         assert answer.choices[0].message.content == TRAINED_ANSWER
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
@@ -161,10 +165,16 @@ def test_served_model_uses_its_stored_model_config(logged_chat: str, tmp_path: P
     with _process(argv, {**os.environ}, f"{url}/health", tmp_path / "serve.log"):
         _wait_ready(url)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-        # Logged with model_config temperature 0 and max_tokens 100: greedy, so the trained answer each time.
-        for _ in range(3):
+        # Logged with model_config temperature 0 and max_tokens 12: greedy and cut at 12 tokens.
+        for _ in range(2):
             answer = client.chat.completions.create(model="tiny-chat", messages=HELLO)
-            assert answer.choices[0].message.content == TRAINED_ANSWER
+            assert answer.usage is not None and answer.usage.completion_tokens == STORED_MAX_TOKENS
+            assert answer.choices[0].finish_reason == "length"
+            text = answer.choices[0].message.content or ""
+            assert text and TRAINED_ANSWER.startswith(text)
+        # A request still overrides the stored defaults.
+        longer = client.chat.completions.create(model="tiny-chat", messages=HELLO, max_tokens=100)
+        assert longer.choices[0].message.content == TRAINED_ANSWER
 
 
 @pytest.mark.slow
@@ -196,7 +206,7 @@ def test_mlflow_models_serve_answers_invocations_like_our_server(logged_chat: st
     theirs = [sys.executable, "-m", "mlflow", "models", "serve", "-m", logged_chat, "--env-manager", "local"]
     theirs += ["-h", "127.0.0.1", "-p", str(mlflow_port)]
     bodies = [
-        {"messages": HELLO, "temperature": 0},
+        {"messages": HELLO},  # model_config's temperature 0 and max_tokens 12
         {"messages": HELLO, "max_tokens": 5, "stop": ["quick"], "temperature": 0},
         {
             "dataframe_records": [
@@ -219,5 +229,6 @@ def test_mlflow_models_serve_answers_invocations_like_our_server(logged_chat: st
             assert expected.status_code == got.status_code == 200, (body, expected.text, got.text)
             assert _comparable(got.json()) == _comparable(expected.json()), body
         first = httpx.post(f"{mlflow_url}/invocations", json=bodies[0], timeout=120).json()
-        assert first["choices"][0]["message"]["content"] == TRAINED_ANSWER
+        assert TRAINED_ANSWER.startswith(first["choices"][0]["message"]["content"])
+        assert first["usage"]["completion_tokens"] == STORED_MAX_TOKENS
         assert first["model"] == "tiny-chat"
