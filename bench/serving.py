@@ -133,7 +133,10 @@ def running(
     import httpx
 
     # `mlflow models serve` has no thread setting; torch reads OMP_NUM_THREADS when it starts.
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    # `mlflow models serve` execs `uvicorn` by name: put this interpreter's scripts first on PATH,
+    # as an activated virtualenv would.
+    path = os.pathsep.join((str(Path(sys.executable).parent), os.environ.get("PATH", "")))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PATH": path}
     with log.open("wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:

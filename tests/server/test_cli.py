@@ -200,7 +200,9 @@ def test_mlflow_models_serve_answers_invocations_like_our_server(logged_chat: st
     """`mlflow models serve` runs our pyfunc; our /invocations gives the same answers for the same bodies."""
     ours_port, mlflow_port = _free_port(), _free_port()
     ours_url, mlflow_url = f"http://127.0.0.1:{ours_port}", f"http://127.0.0.1:{mlflow_port}"
-    env = {**os.environ}
+    # `mlflow models serve` execs `uvicorn` by name, so it needs the virtualenv's bin on PATH, as a user
+    # who activated it has (CI runs `.venv/bin/pytest` without activating anything).
+    env = {**os.environ, "PATH": os.pathsep.join((str(Path(sys.executable).parent), os.environ["PATH"]))}
     ours = [sys.executable, "-m", "llmadapter.cli", "serve", logged_chat, "--port", str(ours_port)]
     ours += ["--torch-threads", "1"]
     theirs = [sys.executable, "-m", "mlflow", "models", "serve", "-m", logged_chat, "--env-manager", "local"]
