@@ -35,59 +35,18 @@ def model_refresh(models: list[ModelSpec]) -> list[RefreshOutcome]:
     configure_mlflow()
     outcomes: list[RefreshOutcome] = []
     for spec in models:
-        name = spec.registered_name()
-        model_config = config_dict(spec.task, spec.config)
-        latest = check_latest_revision(spec.source, spec.revision)
-        if latest is None:
-            logger.warning(
-                "%s: the upstream revision of %s cannot be known (offline, not cached).", name, spec.source
-            )
+        try:
+            outcomes.append(_refresh_one(spec))
+        except Exception as exc:
+            # One bad model (a config for the wrong task, a store or hub error after its retries) must
+            # not hide the others: record it, go on, and fail the run below once the table is written.
+            logger.error("%s: refresh failed: %s: %s", spec.registered_name(), type(exc).__name__, exc)
             outcomes.append(
                 RefreshOutcome(
-                    model_name=name, source=spec.source, latest_revision=None, outcome="unknown upstream"
-                )
-            )
-            continue
-        existing = find_registered_version(name, latest, spec.task, config_hash(spec.task, model_config))
-        if existing is not None:
-            logger.info(
-                "%s is up to date: version %d holds %s at %s.", name, existing.version, spec.source, latest
-            )
-            outcomes.append(
-                RefreshOutcome(
-                    model_name=name, source=spec.source, latest_revision=latest, outcome="up to date"
-                )
-            )
-            continue
-        logger.info("%s: %s moved to %s; running log-and-validate.", name, spec.source, latest)
-        state = log_and_validate(
-            source=spec.source,
-            task=spec.task,
-            model_name=name,
-            # Pinned to what was just seen upstream, so the subflow logs exactly that commit.
-            revision=latest if _is_hub_branch(spec) else spec.revision,
-            config=spec.config,
-            save_pretrained=spec.save_pretrained,
-            validation=spec.validation,
-            return_state=True,
-        )
-        if state.is_completed():
-            result = state.result()
-            outcomes.append(
-                RefreshOutcome(
-                    model_name=name,
+                    model_name=spec.registered_name(),
                     source=spec.source,
-                    latest_revision=latest,
-                    outcome=f"registered v{result.version}",
-                )
-            )
-        else:
-            outcomes.append(
-                RefreshOutcome(
-                    model_name=name,
-                    source=spec.source,
-                    latest_revision=latest,
-                    outcome=f"failed: {state.message}",
+                    latest_revision=None,
+                    outcome=f"failed: {type(exc).__name__}: {exc}"[:500],
                 )
             )
     create_table_artifact(
@@ -101,6 +60,43 @@ def model_refresh(models: list[ModelSpec]) -> list[RefreshOutcome]:
             f"Refresh failed for {', '.join(o.model_name for o in failed)}; the others are done."
         )
     return outcomes
+
+
+def _refresh_one(spec: ModelSpec) -> RefreshOutcome:
+    """Check one model's upstream revision and run log-and-validate for it when it moved."""
+    logger = get_run_logger()
+    name = spec.registered_name()
+    model_config = config_dict(spec.task, spec.config)
+    latest = check_latest_revision(spec.source, spec.revision)
+    if latest is None:
+        logger.warning(
+            "%s: the upstream revision of %s cannot be known (offline, not cached).", name, spec.source
+        )
+        return RefreshOutcome(
+            model_name=name, source=spec.source, latest_revision=None, outcome="unknown upstream"
+        )
+    existing = find_registered_version(name, latest, spec.task, config_hash(spec.task, model_config))
+    if existing is not None:
+        logger.info(
+            "%s is up to date: version %d holds %s at %s.", name, existing.version, spec.source, latest
+        )
+        return RefreshOutcome(
+            model_name=name, source=spec.source, latest_revision=latest, outcome="up to date"
+        )
+    logger.info("%s: %s moved to %s; running log-and-validate.", name, spec.source, latest)
+    state = log_and_validate(
+        source=spec.source,
+        task=spec.task,
+        model_name=name,
+        # Pinned to what was just seen upstream, so the subflow logs exactly that commit.
+        revision=latest if _is_hub_branch(spec) else spec.revision,
+        config=spec.config,
+        save_pretrained=spec.save_pretrained,
+        validation=spec.validation,
+        return_state=True,
+    )
+    outcome = f"registered v{state.result().version}" if state.is_completed() else f"failed: {state.message}"
+    return RefreshOutcome(model_name=name, source=spec.source, latest_revision=latest, outcome=outcome)
 
 
 def _is_hub_branch(spec: ModelSpec) -> bool:

@@ -48,6 +48,31 @@ def test_refresh_reports_a_source_it_cannot_see_offline(store: str, hub_cache: H
     assert registry.list_versions("ghost") == []
 
 
+def test_one_bad_model_does_not_stop_the_others_and_fails_the_run(store: str, hub_cache: HubCache) -> None:
+    from prefect.artifacts import Artifact
+
+    # A sampling key for an embeddings model: config_dict refuses it before anything else happens.
+    bad = ModelSpec(
+        source=hub_cache.repo_id, task="llm/v1/embeddings", model_name="bad", config={"temperature": 0}
+    )
+    good = ModelSpec(
+        source=hub_cache.repo_id, model_name="tiny-hub", validation=ValidationOptions(fresh_process=False)
+    )
+
+    state = model_refresh(models=[bad, good], return_state=True)
+
+    assert state.is_failed()
+    assert "bad" in (state.message or "")
+    assert [v.version for v in registry.list_versions("tiny-hub")] == [1]
+    assert registry.list_versions("bad") == []
+    table = Artifact.get("model-refresh")
+    assert table is not None
+    rows = {row["model_name"]: row["outcome"] for row in json.loads(str(table.data))}
+    assert rows["bad"].startswith("failed: ConfigError")
+    assert "temperature" in rows["bad"]
+    assert rows["tiny-hub"] == "registered v1"
+
+
 def test_nightly_deployment_is_a_daily_cron() -> None:
     import yaml
 
