@@ -13,21 +13,49 @@ _TRANSIENT_SOURCE_CODES = frozenset({"hub_unreachable"})
 _TRANSIENT_MLFLOW_CODES = frozenset(
     {"TEMPORARILY_UNAVAILABLE", "RESOURCE_EXHAUSTED", "REQUEST_LIMIT_EXCEEDED"}
 )
+# Database errors that a retry cannot fix: the schema or the file is wrong, not busy.
+_PERMANENT_SQL_MARKERS = (
+    "no such table",
+    "no such column",
+    "does not exist",
+    "syntax error",
+    "readonly database",
+    "unable to open database file",
+)
 
 
 def is_transient(exc: BaseException) -> bool:
-    """True for failures a retry may fix: connection errors, timeouts, 5xx/429, a locked SQLite file."""
+    """True for failures a retry may fix: connection errors, timeouts, 5xx/429, a locked SQLite file.
+
+    Unknown wrappers are looked through, along __cause__ and, where Python would show it, __context__:
+    MLflow's REST client raises MlflowException(INTERNAL_ERROR) inside an `except` without `from`.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        verdict = _verdict(current)
+        if verdict is not None:
+            return verdict
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+    return False
+
+
+def _verdict(exc: BaseException) -> bool | None:
+    """Transient or not for the exception types we know; None to decide by what it wraps."""
     if isinstance(exc, LLMAdapterError):
         return exc.code in _TRANSIENT_SOURCE_CODES
     if isinstance(exc, ConnectionError | TimeoutError):
         return True
-    if isinstance(exc, sqlite3.OperationalError):
+    if _is_database_error(exc):
         return "locked" in str(exc) or "busy" in str(exc)
     try:
         from mlflow.exceptions import MlflowException, RestException
 
         if isinstance(exc, RestException | MlflowException) and exc.error_code in _TRANSIENT_MLFLOW_CODES:
-            return True
+            # MLflow's SQL store reports every SQLAlchemy OperationalError as TEMPORARILY_UNAVAILABLE,
+            # "no such table" (a store never migrated, a wrong URI) included.
+            return not _wraps_permanent_database_error(exc)
     except ImportError:  # pragma: no cover - mlflow is a dependency
         pass
     try:
@@ -46,15 +74,25 @@ def is_transient(exc: BaseException) -> bool:
             return True
     except ImportError:  # pragma: no cover
         pass
+    return None
+
+
+def _is_database_error(exc: BaseException) -> bool:
+    if isinstance(exc, sqlite3.OperationalError):
+        return True
     try:
         import sqlalchemy.exc
-
-        if isinstance(exc, sqlalchemy.exc.OperationalError):
-            return "locked" in str(exc) or "busy" in str(exc)
     except ImportError:  # pragma: no cover
-        pass
-    cause = exc.__cause__
-    return cause is not None and cause is not exc and is_transient(cause)
+        return False
+    return isinstance(exc, sqlalchemy.exc.OperationalError)
+
+
+def _wraps_permanent_database_error(exc: BaseException) -> bool:
+    inner = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+    if inner is None or not _is_database_error(inner):
+        return False
+    message = str(inner).lower()
+    return any(marker in message for marker in _PERMANENT_SQL_MARKERS)
 
 
 def retry_on_transient(task: Any, task_run: Any, state: Any) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from pathlib import Path
 
 import pytest
 import requests
@@ -56,6 +57,69 @@ def test_a_wrapped_transient_cause_is_transient() -> None:
             raise RuntimeError("upload failed") from inner
     except RuntimeError as outer:
         assert is_transient(outer)
+
+
+def test_mlflow_rest_client_connection_failure_is_transient() -> None:
+    # MLflow's REST client raises MlflowException(INTERNAL_ERROR) inside `except`, without `from`:
+    # the connection error is only in __context__.
+    from mlflow.utils.rest_utils import MlflowHostCreds, http_request
+
+    with pytest.raises(MlflowException) as caught:
+        http_request(
+            MlflowHostCreds("http://127.0.0.1:9"), "/api/2.0/mlflow/experiments/get", "GET", max_retries=0
+        )
+
+    assert caught.value.__cause__ is None
+    assert is_transient(caught.value)
+
+
+def _mlflow_sql_error(db: Path, statement: str, *, locked: bool = False) -> MlflowException:
+    """The MlflowException that MLflow's SQL store raises for `statement` on a real SQLite file."""
+    import sqlalchemy
+    from mlflow.store.db.utils import _get_managed_session_maker
+    from sqlalchemy.orm import sessionmaker
+
+    holder = sqlite3.connect(db, timeout=0)
+    holder.execute("CREATE TABLE IF NOT EXISTS t (x)")
+    holder.commit()
+    if locked:
+        holder.execute("BEGIN EXCLUSIVE")
+    engine = sqlalchemy.create_engine(f"sqlite:///{db}", connect_args={"timeout": 0})
+    managed = _get_managed_session_maker(sessionmaker(bind=engine), "sqlite")
+    try:
+        with managed() as session:
+            session.execute(sqlalchemy.text(statement))
+    except MlflowException as exc:
+        return exc
+    finally:
+        holder.close()
+        engine.dispose()
+    raise AssertionError(f"{statement} did not fail")
+
+
+@pytest.mark.parametrize(
+    ("statement", "locked", "transient"),
+    [("SELECT * FROM experiments", False, False), ("SELECT * FROM t", True, True)],
+    ids=["no-such-table", "locked"],
+)
+def test_mlflow_sql_store_errors_are_retried_only_when_the_database_is_busy(
+    tmp_path: Path, statement: str, locked: bool, transient: bool
+) -> None:
+    exc = _mlflow_sql_error(tmp_path / "mlflow.db", statement, locked=locked)
+
+    # MLflow labels both TEMPORARILY_UNAVAILABLE; only the database error underneath tells them apart.
+    assert exc.error_code == "TEMPORARILY_UNAVAILABLE"
+    assert is_transient(exc) is transient
+
+
+def test_an_error_raised_from_none_hides_its_context() -> None:
+    try:
+        try:
+            raise ConnectionError("reset")
+        except ConnectionError:
+            raise RuntimeError("bad input") from None
+    except RuntimeError as outer:
+        assert not is_transient(outer)
 
 
 @pytest.mark.usefixtures("prefect_harness")
