@@ -21,6 +21,8 @@ def serve(
 ) -> int:
     """Serve a registered model until the server stops (cancel the flow run to stop it).
 
+    A server that exits on its own with a non-zero code (a crash) fails the flow run.
+
     Args:
         model_name: Registered model to serve at `alias` (models:/model_name@alias).
         alias: The alias to serve.

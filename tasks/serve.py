@@ -74,8 +74,9 @@ def run_server(
 ) -> int:
     """Start `llmadapter serve MODEL_URI`, wait until /ready answers, then run until the server exits.
 
-    Returns the server's exit code (0 after a clean shutdown). SIGTERM to this process stops the server
-    first, so cancelling the flow run never leaves an orphan listening on the port.
+    Returns 0 after a clean shutdown and raises LLMAdapterError when the server dies with another code.
+    SIGTERM to this process stops the server first, so cancelling the flow run never leaves an orphan
+    listening on the port.
     """
     logger = get_run_logger()
     command = server_command(model_uri, host, port, extra_args or [])
@@ -112,7 +113,12 @@ def run_server(
             key=artifact_key("server", host, str(port)),
             description=f"`{model_uri}` served by llmadapter (pid {proc.pid}).",
         )
-        return proc.wait()
+        code = proc.wait()
+        # A stop we asked for (SIGTERM to this process) leaves through on_term's SystemExit and never
+        # gets here: any other non-zero exit is a crash and must fail the run, not complete it.
+        if code != 0:
+            raise LLMAdapterError(f"The server for {model_uri} exited with code {code} while serving.")
+        return code
     finally:
         _stop(proc)
         if in_main_thread:

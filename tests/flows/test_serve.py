@@ -95,3 +95,39 @@ def test_serve_flow_serves_the_champion_until_terminated(store: str, tiny_gpt2: 
             proc.wait()
     with socket.socket() as sock, pytest.raises(OSError):
         sock.connect(("127.0.0.1", port))
+
+
+def test_a_server_that_crashes_while_serving_fails_the_run(store: str, tiny_gpt2: Path) -> None:
+    import re
+    import threading
+
+    from prefect.artifacts import Artifact
+    from prefect.client.schemas.objects import State
+
+    from flows.serve import serve
+    from tasks.validate import artifact_key
+
+    _register_champion(tiny_gpt2)
+    port = _free_port()
+    states: list[State] = []
+    runner = threading.Thread(
+        target=lambda: states.append(serve(model_name="tiny-serve", port=port, return_state=True))
+    )
+    runner.start()
+    # The task publishes the server's pid in its link artifact once /ready answers.
+    deadline = time.monotonic() + 300
+    link = None
+    while link is None and runner.is_alive() and time.monotonic() < deadline:
+        link = Artifact.get(artifact_key("server", "127.0.0.1", str(port)))
+        time.sleep(0.5)
+    assert link is not None, "the server never became ready"
+    match = re.search(r"pid (\d+)", link.description or "")
+    assert match is not None
+
+    os.kill(int(match.group(1)), signal.SIGKILL)  # the server dies on its own, not through the flow
+    runner.join(timeout=60)
+
+    assert not runner.is_alive()
+    (state,) = states
+    assert state.is_failed()
+    assert "exited with code -9" in (state.message or "")
