@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llmadapter.errors import ConfigError, LLMAdapterError, ValidationFailedError
 from llmadapter.protocol import ChatCompletionResponse, CompletionResponse, EmbeddingResponse
+from llmadapter.settings import get_settings
 from llmadapter.tasks import CHAT, COMPLETIONS, EMBEDDINGS, get_task
 
 __all__ = [
@@ -51,7 +52,6 @@ _RESPONSE_MODELS: dict[str, type[BaseModel]] = {
 }
 _GENERATION_FINISH = frozenset({"stop", "length", "tool_calls"})
 _PROTOCOL_PREFIX = "@@llmadapter-validation@@ "
-_DEFAULT_TIMEOUT_S = 900.0
 _NORM_TOLERANCE = 1e-3
 REPORT_ARTIFACT_DIR = "validation"
 
@@ -821,6 +821,11 @@ def _cosine(a: Sequence[float], b: Sequence[float]) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
+def _timeout(timeout_s: float | None) -> float:
+    """The given limit, else LLMADAPTER_VALIDATION_TIMEOUT_S (900 s unless set)."""
+    return timeout_s if timeout_s is not None else get_settings().validation_timeout_s
+
+
 @contextlib.contextmanager
 def _open_session(model_uri: str, fresh_process: bool, timeout_s: float) -> Iterator[_Session]:
     session: _Session = (
@@ -843,7 +848,8 @@ def validate_model(
     """Validate a logged llm/v1 model; never raises for a bad model (the report says what failed).
 
     samples: extra requests (ValidationSample, or bare OpenAI request bodies) predicted after the
-    built-in ones for the task. timeout_s bounds the whole fresh process. max_latency_s, when given,
+    built-in ones for the task. timeout_s bounds the whole fresh process (default the setting
+    LLMADAPTER_VALIDATION_TIMEOUT_S). max_latency_s, when given,
     fails the report if any sample took longer.
     """
     import mlflow.models
@@ -865,7 +871,7 @@ def validate_model(
         )
     checks = [check_signature(info.signature, task), check_flavor_metadata(info, task)]
     load_s: float | None = None
-    with _open_session(model_uri, fresh_process, timeout_s or _DEFAULT_TIMEOUT_S) as session:
+    with _open_session(model_uri, fresh_process, _timeout(timeout_s)) as session:
         if session.load_error is not None:
             err = session.load_error
             checks.append(
@@ -931,7 +937,7 @@ def predict_samples(
 ) -> list[SampleAnswer]:
     """Answer samples with one model (in a fresh process by default): text or error, and latency."""
     wanted = _as_samples(samples)
-    with _open_session(model_uri, fresh_process, timeout_s or _DEFAULT_TIMEOUT_S) as session:
+    with _open_session(model_uri, fresh_process, _timeout(timeout_s)) as session:
         if session.load_error is not None:
             err = f"load failed: {session.load_error.error_type}: {session.load_error.message}"
             return [SampleAnswer(name=s.name, ok=False, latency_s=0.0, answer=err) for s in wanted]

@@ -32,7 +32,12 @@ class ValidationOptions(BaseModel):
     fresh_process: bool = Field(
         default=True, description="Load and predict in a fresh Python process, as a server would."
     )
-    timeout_s: float = Field(default=900.0, gt=0, le=24 * 3600, description="Limit for the whole validation.")
+    timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=24 * 3600,
+        description="Limit for the whole validation (default: LLMADAPTER_VALIDATION_TIMEOUT_S, 900 s).",
+    )
     max_latency_s: float | None = Field(
         default=None, gt=0, description="Fail when any sample takes longer than this many seconds."
     )

@@ -244,12 +244,16 @@ def test_log_report_attaches_json_markdown_and_a_tag_to_the_run(store: Path) -> 
     assert finished.data.metrics["validation_p50_latency_s"] == 0.5
 
 
+@pytest.mark.parametrize("from_setting", [False, True], ids=["argument", "LLMADAPTER_VALIDATION_TIMEOUT_S"])
 def test_a_validation_that_runs_past_its_timeout_fails_and_stops_the_process(
-    store: Path, tiny_gpt2: Path
+    store: Path, tiny_gpt2: Path, monkeypatch: pytest.MonkeyPatch, from_setting: bool
 ) -> None:
     uri = _log(tiny_gpt2, CHAT)
+    # 0.5 s is far less than a fresh process needs to load a model.
+    if from_setting:
+        monkeypatch.setenv("LLMADAPTER_VALIDATION_TIMEOUT_S", "0.5")
 
-    report = validate_model(uri, timeout_s=0.5)  # far less than a fresh process needs to load a model
+    report = validate_model(uri) if from_setting else validate_model(uri, timeout_s=0.5)
 
     (load,) = [c for c in report.checks if c.name == "fresh-process-load"]
     assert not report.passed
