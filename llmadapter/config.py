@@ -24,6 +24,8 @@ OPENAI_DEFAULTS: dict[str, Any] = {
     "frequency_penalty": 0.0,
 }
 DEFAULT_MAX_TOKENS = 256
+# Temperatures below this are greedy decoding (see GenerationParams.greedy).
+GREEDY_BELOW = 1e-5
 
 
 class ModelConfig(BaseModel):
@@ -116,4 +118,6 @@ class GenerationParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below this, logits / temperature overflows float32 and sampling would divide into inf/NaN;
+        # the distribution is a point mass anyway (vLLM uses the same cut-off).
+        return self.temperature < GREEDY_BELOW

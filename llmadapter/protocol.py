@@ -11,9 +11,11 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -115,7 +117,8 @@ class _SamplingFields(_Request):
     max_tokens: PositiveInt | None = None
     stop: str | list[str] | None = None
     n: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
-    seed: int | None = None
+    # torch generators take 64-bit seeds; OpenAI's own bound is the same signed 64-bit range.
+    seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
@@ -269,14 +272,19 @@ def _param_of(loc: tuple[Any, ...]) -> str:
     return out
 
 
-def parse_request(cls: type[RequestT], data: Any) -> RequestT:
-    """Validate a raw request; every failure becomes an InvalidRequestError naming the parameter."""
+def parse_request(cls: type[RequestT], data: Any, *, strict: bool = False) -> RequestT:
+    """Validate a raw request; every failure becomes an InvalidRequestError naming the parameter.
+
+    `strict` refuses values of the wrong JSON type (`"max_tokens": "10"`, `"stream": "true"`), as OpenAI
+    does; the HTTP routes use it. Pyfunc rows arrive through pandas (numpy scalars, floats for integer
+    columns with gaps), so predict stays lax.
+    """
     if not isinstance(data, Mapping):
         raise InvalidRequestError(
             f"The request body must be a JSON object, got {type(data).__name__}.", param=None
         )
     try:
-        return cls.model_validate(dict(data))
+        return cls.model_validate(dict(data), strict=strict)
     except ValidationError as exc:
         first = exc.errors()[0]
         param = _param_of(tuple(first.get("loc", ())))
@@ -363,11 +371,22 @@ class DeltaMessage(_Response):
     tool_calls: list[ToolCall] | None = None
 
 
+def _with_finish_reason(data: dict[str, Any]) -> dict[str, Any]:
+    # OpenAI sends `"finish_reason": null` until a choice ends, and clients index it directly: keep the
+    # key even where responses are dumped with exclude_none.
+    data.setdefault("finish_reason", None)
+    return data
+
+
 class ChatChunkChoice(_Response):
     index: int
     delta: DeltaMessage
     finish_reason: FinishReason | None = None
     logprobs: ChoiceLogprobs | None = None
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _with_finish_reason(handler(self))
 
 
 class ChatCompletionChunk(_Response):
@@ -391,6 +410,10 @@ class CompletionChoice(_Response):
     text: str
     finish_reason: FinishReason | None
     logprobs: CompletionLogprobs | None = None
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _with_finish_reason(handler(self))
 
 
 class CompletionResponse(_Response):

@@ -46,9 +46,9 @@ class Engine(ABC):
     def inference_task(self) -> str:
         return self.spec.inference_task
 
-    def parse(self, raw: Mapping[str, Any]) -> BaseModel:
+    def parse(self, raw: Mapping[str, Any], *, strict: bool = False) -> BaseModel:
         """Validate a raw OpenAI request body for this task (InvalidRequestError names the param)."""
-        return parse_request(self.spec.request_model, raw)
+        return parse_request(self.spec.request_model, raw, strict=strict)
 
     @property
     @abstractmethod

@@ -100,6 +100,24 @@ def _context_window(model: Any, config: ModelConfig) -> int:
     )
 
 
+@dataclass
+class _Cursor:
+    """How much of one choice a stream has sent: its role chunk, its text, its tokens' logprobs."""
+
+    started: bool = False
+    chars: int = 0
+    tokens: int = 0
+
+
+# A scheduler event as a stream receives it: the sequence, its newly released text, whether it finished,
+# and how many tokens it had when the event was raised (the scheduler thread keeps appending).
+_Event = tuple[Seq, str, bool, int]
+
+
+def _event(seq: Seq, out: str, finished: bool) -> _Event:
+    return seq, out, finished, len(seq.tokens)
+
+
 def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
@@ -206,11 +224,20 @@ class GenerationEngine(Engine):
                 param=param,
             )
         if req.max_tokens_given() and longest + params.max_tokens > window:
+            limit = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
             raise ContextLengthError(
                 f"This model's maximum context length is {window} tokens. However, you requested "
                 f"{longest + params.max_tokens} tokens ({longest} in the {what}, {params.max_tokens} for the "
-                f"completion). Please reduce the length of the {what} or max_tokens.",
-                param="max_tokens",
+                f"completion). Please reduce the length of the {what} or {limit}.",
+                param=limit,
+            )
+        sequences = len(prompts) * params.n
+        if sequences > self.scheduler.max_queue:
+            # Never admissible, so not a 429 to retry: the request itself is too large.
+            raise InvalidRequestError(
+                f"This request asks for {sequences} sequences ({len(prompts)} prompts x n={params.n}); this "
+                f"server runs at most {self.scheduler.max_queue} at once.",
+                param="n" if params.n > 1 else param,
             )
         prefix = "chatcmpl" if isinstance(req, ChatCompletionRequest) else "cmpl"
         return _Job(req, params, prompts, texts, new_id(prefix), now())
@@ -301,14 +328,30 @@ class GenerationEngine(Engine):
             id=job.id, created=job.created, model=self.model_name, choices=choices, usage=job.usage()
         )
 
+    def _stream_event(self, job: _Job, cursors: dict[int, _Cursor], event: _Event) -> list[BaseModel]:
+        """The chunks one scheduler event adds to a stream (raises the sequence's error, if any)."""
+        seq, out, finished, n_tokens = event
+        if seq.error is not None:
+            raise seq.error
+        cursor = cursors.setdefault(seq.choice_index, _Cursor())
+        first = not cursor.started
+        cursor.started = True
+        cursor.chars += len(out)
+        tokens: list[TokenInfo] = []
+        if job.params.logprobs:
+            # A token's logprob goes out with the text it starts: not while a stop string holds that text
+            # back, never for text a stop string cut (as in the whole answer, Seq.emitted_tokens).
+            end = len(seq.text) if finished else cursor.chars
+            for token in seq.tokens[cursor.tokens : n_tokens]:
+                if not (token.offset < end or (finished and token.offset == end and not token.text)):
+                    break
+                tokens.append(token)
+            cursor.tokens += len(tokens)
+        return self._chunks(job, seq, out, finished, first, tokens)
+
     def _chunks(
-        self, job: _Job, seq: Seq, out: str, finished: bool, first: bool, sent: int
+        self, job: _Job, seq: Seq, out: str, finished: bool, first: bool, tokens: list[TokenInfo]
     ) -> list[BaseModel]:
-        """Chunks for one scheduler event; `sent` is how many of seq.tokens were already reported."""
-        tokens = seq.tokens[sent:] if job.params.logprobs else []
-        if finished:
-            limit = len(seq.text)
-            tokens = [t for t in tokens if t.offset < limit]
         reason = cast(Any, seq.finish_reason) if finished else None
         if isinstance(job.request, ChatCompletionRequest):
             chunks: list[BaseModel] = []
@@ -322,10 +365,11 @@ class GenerationEngine(Engine):
             if finished:
                 chunks.append(self._chat_chunk(job, seq, DeltaMessage(), reason, None))
             return chunks
-        text = (self._echo(job, seq) if first else "") + out
+        echo = self._echo(job, seq)
+        text = (echo if first else "") + out
         if not (text or tokens or finished):
             return []
-        logprobs = self._completion_logprobs(tokens, 0) if tokens else None
+        logprobs = self._completion_logprobs(tokens, len(echo)) if tokens else None
         choice = CompletionChoice(index=seq.choice_index, text=text, finish_reason=reason, logprobs=logprobs)
         return [CompletionChunk(id=job.id, created=job.created, model=self.model_name, choices=[choice])]
 
@@ -373,22 +417,16 @@ class GenerationEngine(Engine):
 
     def stream(self, request: BaseModel, *, include_usage: bool | None = None) -> Iterator[BaseModel]:
         job = self._prepare(request)
-        events: queue.Queue[tuple[Seq, str, bool]] = queue.Queue()
-        self._launch(job, lambda seq, out, finished: events.put((seq, out, finished)))
+        events: queue.Queue[_Event] = queue.Queue()
+        self._launch(job, lambda seq, out, finished: events.put(_event(seq, out, finished)))
         usage = include_usage if include_usage is not None else cast(GenRequest, request).include_usage
-        started: set[int] = set()
-        sent: dict[int, int] = {}
+        cursors: dict[int, _Cursor] = {}
         try:
             remaining = len(job.seqs)
             while remaining:
-                seq, out, finished = events.get()
-                if seq.error is not None:
-                    raise seq.error
-                first = seq.choice_index not in started
-                started.add(seq.choice_index)
-                yield from self._chunks(job, seq, out, finished, first, sent.get(seq.choice_index, 0))
-                sent[seq.choice_index] = len(seq.tokens)
-                remaining -= finished
+                event = events.get()
+                yield from self._stream_event(job, cursors, event)
+                remaining -= event[2]
             if usage:
                 yield self._usage_chunk(job)
         finally:
@@ -418,22 +456,19 @@ class GenerationEngine(Engine):
     async def astream(self, request: BaseModel) -> AsyncIterator[BaseModel]:  # type: ignore[override]
         job = self._prepare(request)
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[tuple[Seq, str, bool]] = asyncio.Queue()
-        self._launch(job, lambda seq, out, fin: loop.call_soon_threadsafe(events.put_nowait, (seq, out, fin)))
-        started: set[int] = set()
-        sent: dict[int, int] = {}
+        events: asyncio.Queue[_Event] = asyncio.Queue()
+        # _event runs on the scheduler thread, so the token count is the one of this very event.
+        self._launch(
+            job, lambda seq, out, fin: loop.call_soon_threadsafe(events.put_nowait, _event(seq, out, fin))
+        )
+        cursors: dict[int, _Cursor] = {}
         try:
             remaining = len(job.seqs)
             while remaining:
-                seq, out, finished = await events.get()
-                if seq.error is not None:
-                    raise seq.error
-                first = seq.choice_index not in started
-                started.add(seq.choice_index)
-                for chunk in self._chunks(job, seq, out, finished, first, sent.get(seq.choice_index, 0)):
+                event = await events.get()
+                for chunk in self._stream_event(job, cursors, event):
                     yield chunk
-                sent[seq.choice_index] = len(seq.tokens)
-                remaining -= finished
+                remaining -= event[2]
             if cast(GenRequest, request).include_usage:
                 yield self._usage_chunk(job)
         finally:

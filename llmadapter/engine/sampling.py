@@ -25,7 +25,7 @@ class RowSampler:
             generator = torch.Generator()
             # A per-request generator: seeded runs are reproducible and never touch the global RNG.
             seed = params.seed + choice_index if params.seed is not None else secrets.randbits(63)
-            generator.manual_seed(seed)
+            generator.manual_seed(seed % 2**64)  # torch takes an unsigned 64-bit seed
         return cls(params, generator, {})
 
     def observe(self, token_id: int) -> None:
@@ -74,5 +74,10 @@ def choose_tokens(logits: torch.Tensor, rows: list[RowSampler]) -> list[int]:
         p = row.params
         scaled = _filter(logits[i] / p.temperature, p.top_k, p.top_p)
         probs = torch.softmax(scaled, dim=-1)
+        if not bool(torch.isfinite(probs).all()):
+            # A logit_bias of +100 on several tokens, or a tiny temperature, can overflow: the mass sits
+            # on the largest logit, so take it rather than fail the whole batch in multinomial.
+            out[i] = int(torch.argmax(logits[i]))
+            continue
         out[i] = int(torch.multinomial(probs, 1, generator=row.generator).item())
     return out

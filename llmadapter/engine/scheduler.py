@@ -184,8 +184,11 @@ class Scheduler:
                         self._drop_finished()
             except Exception as exc:  # one failing step must not kill the worker for later requests
                 log.exception("generation step failed")
+                # The exception text may hold internals (shapes, device errors): it goes to the log only.
                 err = (
-                    exc if isinstance(exc, LLMAdapterError) else LLMAdapterError(f"Generation failed: {exc}")
+                    exc
+                    if isinstance(exc, LLMAdapterError)
+                    else LLMAdapterError(f"Generation failed ({type(exc).__name__}); see the server log.")
                 )
                 for seq in [*self._batch.seqs, *admitted]:
                     if seq.finish_reason is None:

@@ -332,7 +332,7 @@ class _Api:
                 )
             name, engine = self.models.for_task(raw.get("model"), task)
             request.state.model = name
-            parsed = engine.parse(raw)
+            parsed = engine.parse(raw, strict=True)  # JSON types as OpenAI checks them
             release: Callable[[], None] | None = self.admission.acquire()
         except Exception as exc:
             return self.error_response(request, exc)
@@ -428,7 +428,7 @@ class _Api:
         try:
             results: list[Any] = await _until_done(
                 request,
-                asyncio.gather(*(engine.arun(item) for item in parsed)),
+                _all_or_none([engine.arun(item) for item in parsed]),
                 self._deadline(),
                 self.settings.request_timeout_s,
             )
@@ -473,6 +473,17 @@ class _Api:
         return Response(
             json.dumps({"status": "ready", "models": sorted(self.models.engines)}), media_type=JSON
         )
+
+
+async def _all_or_none(calls: list[Awaitable[Any]]) -> list[Any]:
+    """Results of all `calls` run together; the first failure cancels the others (no orphan generations
+    still using the batch after the answer went out)."""
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 async def _finally(
@@ -522,9 +533,9 @@ def split_invocation(raw: Any) -> tuple[list[dict[str, Any]], bool]:
 
 def pyfunc_rows(rows: list[dict[str, Any]], task: str) -> list[dict[str, Any]]:
     """Rows as our pyfunc `predict` reads them, so /invocations answers as `mlflow models serve` does:
-    `stream` is dropped (predict answers whole), and embeddings rows holding only `input` are one request
-    (MLflow's schema enforcement splits a list of texts into one row per text)."""
-    rows = [{k: v for k, v in row.items() if k != "stream"} for row in rows]
+    `stream` and `stream_options` are dropped (predict answers whole), and embeddings rows holding only
+    `input` are one request (MLflow's schema enforcement splits a list of texts into one row per text)."""
+    rows = [{k: v for k, v in row.items() if k not in ("stream", "stream_options")} for row in rows]
     if task == EMBEDDINGS and len(rows) > 1 and all(set(row) <= {"input", "model"} for row in rows):
         rows = [{**rows[0], "input": [row.get("input") for row in rows]}]
     return rows

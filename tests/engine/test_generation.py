@@ -428,6 +428,32 @@ def test_async_stream_matches(chat: GenerationEngine) -> None:
     assert asyncio.run(main()) == TRAINED_ANSWER
 
 
+@pytest.mark.parametrize("temperature", [1e-40, 1e-6], ids=["underflow", "below-cutoff"])
+def test_a_tiny_temperature_is_greedy_and_spares_its_batch(
+    chat: GenerationEngine, temperature: float
+) -> None:
+    # logits / 1e-40 overflows to inf: sampling it would fail the whole running batch.
+    greedy = chat.parse({"messages": HELLO, "max_tokens": 100, "temperature": 0})
+    tiny = chat.parse({"messages": HELLO, "max_tokens": 100, "temperature": temperature})
+    answers = chat.run([greedy, tiny])
+    assert [a.choices[0].message.content for a in answers] == [TRAINED_ANSWER] * 2  # type: ignore[attr-defined]
+
+
+def test_largest_seed_with_n_choices(sampled: GenerationEngine) -> None:
+    seed = 2**63 - 1  # seed + choice index passes 2**63: still a valid, reproducible generator seed
+    first = run(sampled, max_tokens=5, n=2, seed=seed)
+    assert [c.message.content for c in first.choices] == [
+        c.message.content for c in run(sampled, max_tokens=5, n=2, seed=seed).choices
+    ]
+
+
+def test_context_error_names_max_completion_tokens_when_given(chat: GenerationEngine) -> None:
+    with pytest.raises(ContextLengthError) as info:
+        run(chat, max_completion_tokens=10**6)
+    assert info.value.param == "max_completion_tokens"
+    assert "max_completion_tokens" in str(info.value)
+
+
 def test_a_refused_request_does_not_break_the_engine(chat: GenerationEngine) -> None:
     good = chat.parse({"messages": HELLO, "max_tokens": 3})
     bad = chat.parse({"messages": HELLO, "max_tokens": 3, "logit_bias": {"999999": 1}})

@@ -140,3 +140,17 @@ def test_each_row_of_a_batch_keeps_its_own_params() -> None:
     assert choose_tokens(batch, rows) == [7, 0, 7, 6]
     # Rows do not leak into each other: row 0's logits are untouched by row 1's bias and row 3's penalty.
     assert batch[0].tolist() == RAMP
+
+
+def test_overflowing_logits_take_the_largest_instead_of_failing() -> None:
+    # Sampled (temperature above the greedy cut-off), but logits / temperature overflows float32.
+    sampler = row(temperature=1e-4, seed=0)
+    assert sampler.generator is not None
+    huge = [0.0, 3e37, 1.0, -3e37]
+    assert choose_tokens(logits(huge), [sampler]) == [1]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1e-40, 9e-6], ids=["zero", "underflow", "below-cutoff"])
+def test_temperatures_below_the_cutoff_are_greedy(temperature: float) -> None:
+    assert params(temperature=temperature).greedy
+    assert not params(temperature=1e-4).greedy

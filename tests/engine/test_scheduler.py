@@ -12,7 +12,7 @@ import transformers
 
 from llmadapter.config import ModelConfig
 from llmadapter.engine.generation import GenerationEngine
-from llmadapter.errors import OverloadedError
+from llmadapter.errors import InvalidRequestError, LLMAdapterError, OverloadedError
 from llmadapter.protocol import ChatCompletionRequest, CompletionRequest, parse_request
 from llmadapter.tasks import get_task
 
@@ -35,21 +35,33 @@ def _wait_idle(engine: GenerationEngine) -> None:
 PROMPTS = ["a", "Once upon a time", "The fox and the dog went to the café", "1 2 3", "🙂 emoji"]
 
 
+# <|endoftext|> and <|im_end|> of the test tokenizer: every request runs to its max_tokens.
+NO_EOS = {"0": -100, "2": -100}
+
+
 @pytest.mark.parametrize("arch", ["tiny_gpt2", "tiny_llama"])
 def test_staggered_arrivals_equal_solo_answers(arch: str, request: pytest.FixtureRequest) -> None:
     engine = _engine(request.getfixturevalue(arch))
     try:
+        # Each request joins once the one before it is generating; later ones are shorter, so they also
+        # leave while earlier ones still run.
         reqs = [
-            parse_request(CompletionRequest, {"prompt": p, "max_tokens": 5 + 7 * i})
+            parse_request(CompletionRequest, {"prompt": p, "max_tokens": 120 - 20 * i, "logit_bias": NO_EOS})
             for i, p in enumerate(PROMPTS)
         ]
         solo = [engine.run([r])[0].choices[0].text for r in reqs]  # type: ignore[attr-defined]
 
         async def staggered() -> list[str]:
+            generating = [asyncio.Event() for _ in reqs]
+
             async def one(i: int) -> str:
-                await asyncio.sleep(0.05 * i)  # join while earlier ones are mid-generation
-                response = await engine.arun(reqs[i])
-                return response.choices[0].text  # type: ignore[attr-defined]
+                if i:
+                    await generating[i - 1].wait()
+                parts = []
+                async for chunk in engine.astream(reqs[i]):
+                    generating[i].set()
+                    parts += [choice.text for choice in chunk.choices]  # type: ignore[attr-defined]
+                return "".join(parts)
 
             return list(await asyncio.gather(*(one(i) for i in range(len(reqs)))))
 
@@ -97,8 +109,14 @@ def test_queue_limit_refuses_with_overloaded(tiny_gpt2: Path) -> None:
         max_queue=2,
     )
     try:
-        with pytest.raises(OverloadedError) as err:
+        # Never admissible: a 400 naming `n`, not a 429 that a client would retry forever.
+        with pytest.raises(InvalidRequestError) as too_big:
             engine.run([parse_request(CompletionRequest, {"prompt": "x", "n": 3, "max_tokens": 2})])
+        assert (too_big.value.status_code, too_big.value.param) == (400, "n")
+        # Each request fits, but not all of them at once: overloaded, retry later.
+        pair = parse_request(CompletionRequest, {"prompt": "x", "n": 2, "max_tokens": 2})
+        with pytest.raises(OverloadedError) as err:
+            engine.run([pair, pair])
         assert err.value.status_code == 429
         # Nothing was left behind: a request that fits still runs.
         out = engine.run([parse_request(CompletionRequest, {"prompt": "x", "max_tokens": 2})])
@@ -125,8 +143,9 @@ def test_a_failing_step_fails_its_requests_and_the_worker_lives_on(tiny_gpt2: Pa
 
     engine.model.forward = flaky  # type: ignore[method-assign]
     try:
-        with pytest.raises(Exception, match="boom"):
+        with pytest.raises(LLMAdapterError, match=r"Generation failed \(RuntimeError\)") as failed:
             engine.run([req])
+        assert "boom" not in str(failed.value)  # internals go to the log, not to the client
         answer = engine.run([req])[0]
         assert answer.choices[0].finish_reason in {"stop", "length"}  # type: ignore[attr-defined]
     finally:

@@ -10,7 +10,16 @@ import pytest
 from llmadapter.engine.base import Engine
 from llmadapter.server.app import build_app
 from llmadapter.testing import TRAINED_ANSWER
-from tests.server.conftest import CHAT_ID, EMBEDDINGS_ID, RunningServer, serve, settings
+from tests.server.conftest import (
+    CHAT_ID,
+    EMBEDDINGS_ID,
+    LONG_ID,
+    RunningServer,
+    long_request,
+    serve,
+    settings,
+    wait_until,
+)
 
 HELLO = [{"role": "user", "content": "Hello"}]
 
@@ -74,9 +83,25 @@ def test_a_single_row_is_one_prediction_object(chat_only: RunningServer) -> None
 
 
 def test_stream_flag_is_ignored_as_pyfunc_predict_does(chat_only: RunningServer) -> None:
-    response = _post(chat_only, {"messages": HELLO, "temperature": 0, "max_tokens": 100, "stream": True})
-    assert response.status_code == 200
-    assert response.json()["choices"][0]["message"]["content"] == TRAINED_ANSWER
+    body = {"messages": HELLO, "temperature": 0, "max_tokens": 100, "stream": True}
+    for extra in ({}, {"stream_options": {"include_usage": True}}):
+        response = _post(chat_only, {**body, **extra})
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["message"]["content"] == TRAINED_ANSWER
+
+
+def test_a_failing_row_cancels_the_rows_already_generating(
+    server: RunningServer, long_engine: Engine
+) -> None:
+    good = long_request(max_tokens=4000)  # tens of seconds of generation if nothing stops it
+    too_long = {**good, "max_tokens": 5000}  # over the 4096-token window: refused when its turn comes
+    response = _post(server, {"dataframe_records": [good, too_long]})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "max_tokens"
+    # The first row started generating; with nobody left to answer, it stops instead of running on.
+    wait_until(
+        lambda: server.metric("llmadapter_running", model=LONG_ID) == 0, timeout=5, message="cancellation"
+    )
 
 
 def test_row_errors_name_the_parameter(chat_only: RunningServer) -> None:

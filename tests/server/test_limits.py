@@ -227,15 +227,21 @@ def test_full_queue_gives_429_with_retry_after(engines: Mapping[str, Engine], lo
         assert answer is not None and answer.choices[0].message.content == TRAINED_ANSWER
 
 
-def test_engine_queue_limit_is_a_429_too(trained_model: Path, completions_engine: Engine) -> None:
-    # The engine's own bound (sequences queued or running) refuses a request with n=3 over a limit of 2.
-    small = generation_engine(trained_model, CHAT, "small-queue", max_queue=2)
+def test_engine_queue_limit_is_a_429_too(long_model: Path, completions_engine: Engine) -> None:
+    # The engine's own bound (sequences queued or running): full for now is a 429 to retry; a request
+    # that could never fit (n=3 over a limit of 2) is a 400 naming `n`, not a 429 retried forever.
+    small = generation_engine(long_model, CHAT, LONG_ID, max_queue=2)
     try:
-        with serve(
-            build_app({"small-queue": small, COMPLETIONS_ID: completions_engine}, settings())
-        ) as running:
-            with pytest.raises(openai.RateLimitError) as info:
-                running.client().chat.completions.create(model="small-queue", messages=HELLO, n=3)
-            assert info.value.response.headers["retry-after"] == "1"
+        with serve(build_app({LONG_ID: small, COMPLETIONS_ID: completions_engine}, settings())) as running:
+            with pytest.raises(openai.BadRequestError) as too_big:
+                running.client().chat.completions.create(model=LONG_ID, messages=HELLO, n=3)
+            assert _error_of(too_big.value)["param"] == "n"
+            url = f"{running.base_url}/chat/completions"
+            with httpx.stream("POST", url, json=long_request(stream=True), timeout=60) as held:
+                lines = held.iter_lines()  # kept: a dropped line iterator closes the stream
+                next(lines)
+                with pytest.raises(openai.RateLimitError) as info:
+                    running.client().chat.completions.create(model=LONG_ID, messages=HELLO, n=2)
+                assert info.value.response.headers["retry-after"] == "1"
     finally:
         small.close()

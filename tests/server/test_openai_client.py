@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import math
 import struct
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -118,6 +120,40 @@ def test_raw_sse_lines_end_with_done(server: RunningServer) -> None:
     assert all(line.startswith("data: ") for line in lines)
     assert lines[-1] == "data: [DONE]"
     assert '"finish_reason":"length"' in lines[-2]
+    # As OpenAI sends them: every choice carries finish_reason, null until it ends.
+    choices = [json.loads(line.removeprefix("data: "))["choices"][0] for line in lines[:-1]]
+    assert [c["finish_reason"] for c in choices[:-1]] == [None] * (len(choices) - 1)
+
+
+def test_streamed_logprobs_equal_the_whole_answers(server: RunningServer) -> None:
+    """Every token's logprob arrives once, in order, with its text; none for text a stop string cut."""
+    client = server.client()
+    for extra in ({}, {"stop": ["lazy"]}):
+        kwargs: dict[str, Any] = dict(
+            model=CHAT_ID, messages=HELLO, temperature=0, max_tokens=20, logprobs=True, top_logprobs=2
+        )
+        whole = client.chat.completions.create(**kwargs, **extra)
+        expected = [(t.token, t.logprob) for t in whole.choices[0].logprobs.content]  # type: ignore[union-attr]
+        streamed = list(client.chat.completions.create(**kwargs, **extra, stream=True))
+        got = [
+            (t.token, t.logprob)
+            for chunk in streamed
+            for choice in chunk.choices
+            if choice.logprobs and choice.logprobs.content
+            for t in choice.logprobs.content
+        ]
+        assert got == expected, extra
+        assert _joined(streamed) == {0: whole.choices[0].message.content}
+    echo = dict(model=COMPLETIONS_ID, prompt="The quick", temperature=0, max_tokens=5, logprobs=1, echo=True)
+    plain = client.completions.create(**echo)  # type: ignore[call-overload]
+    offsets = [
+        offset
+        for chunk in client.completions.create(**echo, stream=True)  # type: ignore[call-overload]
+        for choice in chunk.choices
+        if choice.logprobs
+        for offset in choice.logprobs.text_offset
+    ]
+    assert offsets == plain.choices[0].logprobs.text_offset
 
 
 def test_n_choices_each_with_own_index(server: RunningServer) -> None:
