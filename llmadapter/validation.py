@@ -21,7 +21,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -539,6 +539,21 @@ def check_flavor_metadata(info: Any, task: str) -> CheckResult:
     return CheckResult(name="flavor-metadata", passed=not problems, detail=detail)
 
 
+def _raised(name: str, exc: Exception) -> CheckResult:
+    """A check that raised fails, naming the exception (validation reports; it does not crash)."""
+    kind = type(exc).__qualname__
+    if type(exc).__module__ != "builtins":
+        kind = f"{type(exc).__module__}.{kind}"
+    return CheckResult(name=name, passed=False, detail=f"the check raised {kind}: {str(exc)[:300]}")
+
+
+def _checked(name: str, check: Callable[..., CheckResult], *args: Any) -> CheckResult:
+    try:
+        return check(*args)
+    except Exception as exc:
+        return _raised(name, exc)
+
+
 class _Runner:
     """Runs the prediction checks for one task against a session, collecting CheckResults."""
 
@@ -555,6 +570,17 @@ class _Runner:
                 name=name, passed=not problems, detail="; ".join(problems) or ok_detail, latency_s=latency_s
             )
         )
+
+    def guard(self, name: str, check: Callable[..., None], *args: Any) -> None:
+        """Run one check; if it raises, record a failed check naming the exception.
+
+        The checks read answers the model shaped: one malformed beyond what the schema catches must fail
+        that check in the report, not abort validate_model (which never raises for a bad model).
+        """
+        try:
+            check(*args)
+        except Exception as exc:
+            self.checks.append(_raised(name, exc))
 
     def run_sample(self, sample: ValidationSample) -> None:
         outcome = self.session.predict(sample.request)
@@ -591,6 +617,15 @@ class _Runner:
         self.add("usage-arithmetic", problems, f"total = {what} in {len(self.responses)} answers")
 
     def check_finish_reasons(self, samples: list[ValidationSample]) -> None:
+        """Each finish_reason is an OpenAI one and agrees with the token counts.
+
+        "length" must come with max_tokens tokens (single choice; usage is summed over choices). And an
+        answer that used all its tokens must say "length" unless the request had stop strings: without
+        them the only other end is the end-of-sequence token, which llmadapter's engine (the loader
+        flavor-metadata requires) never counts as a completion token, so "stop" there is wrong. With
+        stop strings, one can match in the very last token, and "stop" at the limit is right. With n
+        choices, n * max_tokens completion tokens mean that every choice hit the limit.
+        """
         problems = []
         seen: set[str] = set()
         for sample in samples:
@@ -598,7 +633,14 @@ class _Runner:
             if resp is None:
                 continue
             max_tokens = sample.request.get("max_tokens") or sample.request.get("max_completion_tokens")
-            per_choice = resp["usage"]["completion_tokens"] / max(len(resp["choices"]), 1)
+            n_choices = max(len(resp["choices"]), 1)
+            completion = resp["usage"]["completion_tokens"]
+            per_choice = completion / n_choices
+            all_at_limit = (
+                max_tokens is not None
+                and not sample.request.get("stop")
+                and completion == max_tokens * n_choices
+            )
             for choice in resp["choices"]:
                 reason = choice.get("finish_reason")
                 seen.add(str(reason))
@@ -608,6 +650,11 @@ class _Runner:
                 if reason == "length" and max_tokens is not None and single and per_choice != max_tokens:
                     problems.append(
                         f"{sample.name}: 'length' after {per_choice:g} tokens, max_tokens {max_tokens}"
+                    )
+                if all_at_limit and reason == "stop":
+                    problems.append(
+                        f"{sample.name}: 'stop' after all max_tokens={max_tokens} tokens without a stop "
+                        "string, expected 'length'"
                     )
             if max_tokens is not None and per_choice > max_tokens:
                 problems.append(f"{sample.name}: {per_choice:g} completion tokens > max_tokens {max_tokens}")
@@ -751,15 +798,59 @@ class _Runner:
         )
 
 
+# Fields OpenAI always sends, by path ("[]" walks a list). The response models fill some of them with
+# defaults (id, object, created, role) for building responses; a checked answer must carry them itself.
+_REQUIRED_FIELDS: dict[str, dict[str, tuple[str, ...]]] = {
+    CHAT: {
+        "": ("id", "object", "created", "model", "choices", "usage"),
+        "choices[]": ("index", "message", "finish_reason"),
+        "choices[].message": ("role",),
+    },
+    COMPLETIONS: {
+        "": ("id", "object", "created", "model", "choices", "usage"),
+        "choices[]": ("index", "text", "finish_reason"),
+    },
+    EMBEDDINGS: {
+        "": ("object", "data", "model", "usage"),
+        "data[]": ("object", "index", "embedding"),
+    },
+}
+
+
+def _at(response: Mapping[str, Any], path: str) -> list[tuple[str, Any]]:
+    """The objects at `path` ("choices[].message") with their concrete locations ("choices.0.message")."""
+    found: list[tuple[str, Any]] = [("", response)]
+    for step in path.split(".") if path else []:
+        key, many = step.removesuffix("[]"), step.endswith("[]")
+        nxt: list[tuple[str, Any]] = []
+        for where, obj in found:
+            value = obj.get(key) if isinstance(obj, Mapping) else None
+            loc = f"{where}.{key}" if where else key
+            if many and isinstance(value, list):
+                nxt += [(f"{loc}.{i}", item) for i, item in enumerate(value)]
+            elif not many and value is not None:
+                nxt.append((loc, value))
+        found = nxt
+    return found
+
+
 def _schema_problems(task: str, response: Any) -> list[str]:
+    """Problems with an answer as an OpenAI object: required fields present, JSON types exact."""
+    model = _RESPONSE_MODELS[task]
     if not isinstance(response, Mapping):
         return [f"response is a {type(response).__name__}, not an OpenAI object"]
+    for path, fields in _REQUIRED_FIELDS[task].items():
+        for where, obj in _at(response, path):
+            missing = [f for f in fields if not isinstance(obj, Mapping) or f not in obj]
+            if missing:
+                return [f"not a valid {model.__name__}: {where or 'response'} lacks {', '.join(missing)}"]
     try:
-        _RESPONSE_MODELS[task].model_validate(response)
+        # Strict: "prompt_tokens": "3" or "index": true is a wrong answer, not something to coerce.
+        model.model_validate(response, strict=True)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ()))
-        return [f"not a valid {_RESPONSE_MODELS[task].__name__}: {where}: {first.get('msg')}"]
+        return [f"not a valid {model.__name__}: {where}: {first.get('msg')}"]
     return []
 
 
@@ -869,7 +960,10 @@ def validate_model(
             checks=[check],
             duration_s=time.perf_counter() - start,
         )
-    checks = [check_signature(info.signature, task), check_flavor_metadata(info, task)]
+    checks = [
+        _checked("signature", check_signature, info.signature, task),
+        _checked("flavor-metadata", check_flavor_metadata, info, task),
+    ]
     load_s: float | None = None
     with _open_session(model_uri, fresh_process, _timeout(timeout_s)) as session:
         if session.load_error is not None:
@@ -904,18 +998,19 @@ def _prediction_checks(
 ) -> list[CheckResult]:
     runner = _Runner(session, task, max_latency_s)
     builtin = _BUILTIN[task]
-    for sample in [*builtin, *user_samples]:
-        runner.run_sample(sample)
+    samples = [*builtin, *user_samples]
     greedy = builtin[0]
-    runner.check_usage()
+    for sample in samples:
+        runner.guard(f"sample:{sample.name}", runner.run_sample, sample)
+    runner.guard("usage-arithmetic", runner.check_usage)
     if task == EMBEDDINGS:
-        runner.check_embeddings()
+        runner.guard("embeddings", runner.check_embeddings)
     else:
-        runner.check_finish_reasons([*builtin, *user_samples])
-        runner.check_stop(greedy)
-        runner.check_context_limit(greedy)
-    runner.check_determinism(greedy)
-    runner.check_latency()
+        runner.guard("finish-reason", runner.check_finish_reasons, samples)
+        runner.guard("stop-handling", runner.check_stop, greedy)
+        runner.guard("context-limit", runner.check_context_limit, greedy)
+    runner.guard("determinism", runner.check_determinism, greedy)
+    runner.guard("latency", runner.check_latency)
     return runner.checks
 
 

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
+import mlflow.pyfunc
 import pytest
 from mlflow.models import ModelSignature
 from mlflow.types.schema import ColSpec, DataType, Schema
@@ -242,6 +243,103 @@ def test_log_report_attaches_json_markdown_and_a_tag_to_the_run(store: Path) -> 
     finished = mlflow.get_run(run.info.run_id)
     assert finished.data.tags["validation_status"] == "passed"
     assert finished.data.metrics["validation_p50_latency_s"] == 0.5
+
+
+# --- answers the engine never gives, from a real pyfunc model that returns them ------------------------
+
+
+class ScriptedAnswers(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
+    """A logged pyfunc model whose answers have one known defect (`flaw`); every generation uses all
+    of max_tokens."""
+
+    def __init__(self, flaw: str) -> None:
+        self.flaw = flaw
+
+    # No type hints: MLflow would read them as an input schema (and warn that it cannot).
+    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
+        if "input" in model_input:
+            embedding: list[float] | str = "!!not base64!!" if self.flaw == "bad-base64" else [0.6, 0.8]
+            return {
+                "object": "list",
+                "data": [{"object": "embedding", "index": 0, "embedding": embedding}],
+                "model": "scripted",
+                "usage": {"prompt_tokens": 3, "total_tokens": 3},
+            }
+        n, max_tokens = model_input.get("n") or 1, model_input.get("max_tokens") or 16
+        prompt_tokens: int | str = "3" if self.flaw == "string-tokens" else 3
+        answer = {
+            "id": "chatcmpl-1",
+            "object": "chat.completion",
+            "created": 1,
+            "model": "scripted",
+            "choices": [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": "word " * max_tokens},
+                    "finish_reason": "stop",
+                }
+                for i in range(n)
+            ],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": n * max_tokens,
+                "total_tokens": 3 + n * max_tokens,
+            },
+        }
+        if self.flaw == "no-id":
+            del answer["id"]
+        return answer
+
+
+def _log_scripted(flaw: str, task: str = CHAT) -> str:
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=ScriptedAnswers(flaw), metadata={"task": task}
+        )
+    return str(info.model_uri)
+
+
+def test_stop_after_all_max_tokens_without_a_stop_string_fails_the_finish_reason_check(store: Path) -> None:
+    uri = _log_scripted("stop-at-limit")
+    with_stop = ValidationSample(
+        name="with-stop",
+        request={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stop": ["."]},
+    )
+
+    report = validate_model(uri, samples=[with_stop], fresh_process=False)
+
+    (finish,) = [c for c in report.checks if c.name == "finish-reason"]
+    assert not finish.passed
+    assert "chat-length: 'stop' after all max_tokens=2 tokens without a stop string" in finish.detail
+    assert "chat-n2-seed: 'stop'" in finish.detail  # 2 choices, 2 * 8 tokens: both hit the limit
+    # A stop string may match in the last allowed token: "stop" at the limit is right there.
+    assert "with-stop" not in finish.detail
+
+
+@pytest.mark.parametrize(
+    ("flaw", "problem"),
+    [
+        ("no-id", "lacks id"),
+        ("string-tokens", "usage.prompt_tokens: Input should be a valid integer"),
+    ],
+    ids=["missing-required-field", "string-for-integer"],
+)
+def test_answers_are_checked_strictly_against_the_openai_schema(store: Path, flaw: str, problem: str) -> None:
+    report = validate_model(_log_scripted(flaw), fresh_process=False)
+
+    assert not report.passed
+    (greedy,) = [c for c in report.checks if c.name == "sample:chat-greedy"]
+    assert not greedy.passed
+    assert problem in greedy.detail
+
+
+def test_a_check_that_raises_on_a_malformed_answer_fails_that_check(store: Path) -> None:
+    # A base64 embedding that is not base64: the schema allows a string, decoding it raises.
+    report = validate_model(_log_scripted("bad-base64", EMBEDDINGS), fresh_process=False)
+
+    assert not report.passed
+    failed = {c.name: c.detail for c in report.failed_checks}
+    assert failed["embeddings"].startswith("the check raised binascii.Error")
 
 
 @pytest.mark.parametrize("from_setting", [False, True], ids=["argument", "LLMADAPTER_VALIDATION_TIMEOUT_S"])
