@@ -99,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     data_dir = (args.data_dir or Path(os.environ.get("LLMADAPTER_DATA_DIR", ".llmadapter"))).absolute()
     _prepare_environment(data_dir)
+    from flows._startup import start_local_flow_process
+
+    start_local_flow_process().wait()  # Prefect's API boots while torch, transformers and MLflow import
     run_demo(data_dir, args.question)
     return 0
 
