@@ -39,9 +39,7 @@ SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_flows_run_on_the_api_started_beside_the_imports(tmp_path: Path) -> None:
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API") and k != "PREFECT_PROFILE"
-    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API") and k != "PREFECT_PROFILE"}
     env.update(PREFECT_HOME=str(tmp_path), PYTHONPATH=str(ROOT))
     result = subprocess.run(
         [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path
