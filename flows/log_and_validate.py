@@ -10,7 +10,7 @@ from llmadapter.registry import CHALLENGER, CHAMPION, config_hash
 from llmadapter.settings import configure_mlflow
 from llmadapter.validation import raise_for_report
 from tasks.download import download_model
-from tasks.log import log_model
+from tasks.log import log_model_once
 from tasks.register import find_registered_version, get_version, promote_version, register_model, set_alias
 from tasks.validate import ValidationOptions, artifact_key, publish_report, validate_logged_model
 
@@ -57,7 +57,7 @@ def log_and_validate(
         created = False
         summary = f"reused; validation {version.tags.get('validation_status', 'unknown')}"
     else:
-        logged = log_model(resolved, task, model_config, chash, save_pretrained, run_name=name)
+        logged = log_model_once(resolved, task, model_config, chash, save_pretrained, run_name=name)
         report = validate_logged_model(logged.model_uri, validation)
         publish_report(report, logged.run_id, name)
         logger.info("Validation of %s: %s", logged.model_uri, report.summary())

@@ -5,15 +5,21 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import timedelta
+from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 from prefect import task
 from prefect.context import TaskRunContext
 from pydantic import BaseModel, ConfigDict
 
+import llmadapter
 from llmadapter.settings import configure_mlflow, get_settings
 from llmadapter.source import ResolvedSource
 from tasks._retry import retry_on_transient
+
+# The source that decides what a logged model is (its engine, loader, signature): hashed into the key.
+_PACKAGE_DIR = Path(llmadapter.__file__).resolve().parent
 
 
 class LoggedModel(BaseModel):
@@ -45,8 +51,24 @@ def pinned_source(resolved: ResolvedSource) -> str:
     return str(resolved.local_dir)
 
 
+def code_version(package_dir: Path | None = None) -> dict[str, str]:
+    """What the logged artifact depends on besides its inputs: llmadapter's version and source, and
+    the mlflow and transformers versions. A fixed engine bug changes the source digest, so the same
+    revision and config are logged again instead of reusing a run logged by the old code."""
+    root = package_dir or _PACKAGE_DIR
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return {
+        "llmadapter": metadata.version("llmadapter"),
+        "llmadapter_source": digest.hexdigest()[:16],
+        "mlflow": metadata.version("mlflow"),
+        "transformers": metadata.version("transformers"),
+    }
+
+
 def _log_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
-    """Key on the resolved revision (never a branch name), the config hash and the MLflow store.
+    """Key on the resolved revision (never a branch name), the config hash, the MLflow store and the code.
 
     The store is part of the key because a cached result names a run in one particular store.
     """
@@ -60,6 +82,7 @@ def _log_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str |
         "save_pretrained": parameters.get("save_pretrained", True),
         "tracking_uri": settings.resolved_tracking_uri(),
         "experiment": settings.experiment_name,
+        "code": code_version(),
     }
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
     return f"llmadapter-log-{digest}"
@@ -83,10 +106,12 @@ def log_model(
     save_pretrained: bool = True,
     run_name: str | None = None,
 ) -> LoggedModel:
-    """Log the resolved source with llmadapter.log_model in a new MLflow run (nothing is registered)."""
-    import mlflow
+    """Log the resolved source with llmadapter.log_model in a new MLflow run (nothing is registered).
 
-    import llmadapter
+    Cached for 7 days on the key above; call it through log_model_once, which logs again when the
+    cached run has been deleted from MLflow since.
+    """
+    import mlflow
 
     configure_mlflow()
     source = pinned_source(resolved)
@@ -119,3 +144,34 @@ def log_model(
         config_hash=config_hash,
         save_pretrained=save_pretrained,
     )
+
+
+def log_model_once(
+    resolved: ResolvedSource,
+    task: str,
+    model_config: dict[str, Any],
+    config_hash: str,
+    save_pretrained: bool = True,
+    run_name: str | None = None,
+) -> LoggedModel:
+    """The log task, with its cached result checked: a run since deleted in MLflow is logged again."""
+    args = (resolved, task, model_config, config_hash, save_pretrained, run_name)
+    logged = log_model(*args)
+    if not run_exists(logged.run_id):
+        logged = log_model.with_options(refresh_cache=True)(*args)
+    return logged
+
+
+def run_exists(run_id: str) -> bool:
+    """True while the run is in the store and not deleted (deleted runs linger until garbage collection)."""
+    from mlflow import MlflowClient
+    from mlflow.entities import LifecycleStage
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = MlflowClient().get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return bool(run.info.lifecycle_stage == LifecycleStage.ACTIVE)
