@@ -9,7 +9,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
-from pydantic import Field
+from pydantic import ConfigDict, Field, model_validator
 
 from flows._params import ApprovalDecision
 from llmadapter.errors import NotFoundError, ValidationFailedError
@@ -19,14 +19,33 @@ from llmadapter.validation import SampleAnswer, ValidationSample
 from tasks.register import get_alias, get_version, promote_version
 from tasks.validate import answer_samples, artifact_key
 
+# "approve": true needs a name. In the JSON schema too, because the Prefect server validates a resume
+# against the schema (and refuses it, so the run stays paused); a pydantic validator alone would only
+# fail the flow run after the server had accepted the input.
+_APPROVER_REQUIRED = {
+    "if": {"properties": {"approve": {"const": True}}, "required": ["approve"]},
+    "then": {"properties": {"approver": {"type": "string", "pattern": "\\S"}}, "required": ["approver"]},
+}
+AUTOMATIC_APPROVER = "automatic"
+
 
 class ApprovalInput(RunInput):
     """The form a person fills in the Prefect UI (or sends with resume_flow_run) to decide."""
 
+    model_config = ConfigDict(json_schema_extra=_APPROVER_REQUIRED)
+
     approve: bool = Field(default=False, description="Move the alias to this version.")
     alias: str = Field(default=CHAMPION, min_length=1, description="The alias to move.")
-    approver: str = Field(default="", description="Who approves (recorded on the version).")
+    approver: str = Field(
+        default="", description="Who approves (recorded on the version); required to approve."
+    )
     comment: str = Field(default="", description="Why (recorded on the version).")
+
+    @model_validator(mode="after")
+    def _approval_names_the_approver(self) -> ApprovalInput:
+        if self.approve and not self.approver.strip():
+            raise ValueError("approver is required when approve is true")
+        return self
 
 
 _COMPARED_TAGS = (
@@ -152,7 +171,9 @@ def promote(
     )
     create_table_artifact(table=rows, key=f"{key}-comparison", description="Candidate vs current")
 
-    decision = ApprovalInput(approve=True, alias=alias, approver="", comment="require_approval=False")
+    decision = ApprovalInput(
+        approve=True, alias=alias, approver=AUTOMATIC_APPROVER, comment="require_approval=False"
+    )
     if require_approval:
         try:
             answered = pause_flow_run(

@@ -132,9 +132,29 @@ def test_resume_input_is_validated_against_the_typed_form(
     flow_run_id = _paused_run_id()
     with pytest.raises(Exception, match="approve"):
         resume_flow_run(flow_run_id, run_input={"approve": "definitely"})
+    # An approval must say who approves: the server refuses it and the run stays paused.
+    for nameless in (
+        {"approve": True},
+        {"approve": True, "approver": ""},
+        {"approve": True, "approver": "  "},
+    ):
+        with pytest.raises(Exception, match="approver"):
+            resume_flow_run(flow_run_id, run_input=nameless)
+    assert _paused_run_id(timeout_s=5) == flow_run_id
     resume_flow_run(flow_run_id, run_input={"approve": False})
     run["thread"].join(timeout=120)
     assert registry.get_alias(NAME, "champion").version == v1  # type: ignore[union-attr]
+
+
+def test_a_promotion_without_approval_is_recorded_as_automatic(champion_v1: tuple[int, int]) -> None:
+    _, v2 = champion_v1
+
+    decision = promote(model_name=NAME, require_approval=False)
+
+    assert (decision.outcome, decision.version, decision.approver) == ("approved", v2, "automatic")
+    champion = registry.get_alias(NAME, "champion")
+    assert champion is not None and champion.version == v2
+    assert champion.tags["approved_by"] == "automatic"
 
 
 def test_rollback_to_a_version_number(champion_v1: tuple[int, int], in_background: Any) -> None:
