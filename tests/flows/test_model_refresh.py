@@ -85,3 +85,18 @@ def test_nightly_deployment_is_a_daily_cron() -> None:
     first, second = asyncio.run(cron.get_dates(2))
     assert (second - first).total_seconds() == 24 * 3600
     assert nightly["entrypoint"] == "flows/model_refresh.py:model_refresh"
+
+
+def test_nightly_models_do_not_share_a_name_with_the_demo_models() -> None:
+    """`make run` registers its models from local files; the nightly hub versions must not mix in."""
+    import yaml
+
+    from flows.demo import CHAT_MODEL, EMBEDDINGS_MODEL
+    from tests.flows.test_deployments import project_root
+
+    config = yaml.safe_load((project_root() / "prefect.yaml").read_text())
+    (nightly,) = [d for d in config["deployments"] if d["name"] == "nightly"]
+    names = [m["model_name"] for m in nightly["parameters"]["models"]]
+
+    assert names == ["smollm2-chat-hub", "minilm-embeddings-hub"]
+    assert not {CHAT_MODEL, EMBEDDINGS_MODEL} & set(names)
