@@ -47,8 +47,14 @@ def test_defaults_are_a_sqlite_store_in_the_data_dir_under_the_current_directory
             "http://ours",
         ),
         ({"LLMADAPTER_REGISTRY_URI": "http://reg"}, None, "http://reg"),
+        (
+            {"MLFLOW_REGISTRY_URI": "http://mlflow-reg", "LLMADAPTER_REGISTRY_URI": "http://our-reg"},
+            None,
+            "http://our-reg",
+        ),
     ],
-    ids=["mlflow-own-variable", "mlflow-both", "prefixed-wins", "registry-only"],
+    # The README's Prefect section documents this order: LLMADAPTER_*, then MLFLOW_*, then SQLite.
+    ids=["mlflow-own-variable", "mlflow-both", "prefixed-wins", "registry-only", "prefixed-registry-wins"],
 )
 def test_uri_precedence(
     clean_env: Path, monkeypatch: pytest.MonkeyPatch, env: dict[str, str], tracking: str | None, registry: str
