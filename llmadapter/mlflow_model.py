@@ -474,7 +474,9 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _rows(data: Any) -> list[dict[str, Any]]:
+def frame_rows(data: Any) -> list[dict[str, Any]]:
+    """Request rows from what predict receives (a DataFrame after schema enforcement, a dict or a list of
+    dicts), as plain Python with missing cells left out."""
     import pandas as pd
 
     if isinstance(data, pd.DataFrame):
@@ -506,7 +508,7 @@ class LLMAdapterPyfunc:
 
     def _requests(self, data: Any, params: Mapping[str, Any] | None, *, streaming: bool = False) -> list[Any]:
         defaults = {k: v for k, v in (params or {}).items() if v is not None}
-        rows = _rows(data)
+        rows = frame_rows(data)
         embeddings = self.engine.inference_task == EMBEDDINGS
         if embeddings and len(rows) > 1 and all(set(r) <= {"input"} for r in rows):
             # A list of texts arrives as one row per text after MLflow's schema enforcement.

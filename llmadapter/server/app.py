@@ -213,8 +213,8 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    """The request body as JSON: at most `limit` bytes (413), strict UTF-8, no NaN/Infinity (400)."""
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body: at most `limit` bytes (413), however it is sent."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLargeError(limit)
@@ -223,10 +223,19 @@ async def read_json(request: Request, limit: int) -> Any:
         body += part
         if len(body) > limit:  # chunked bodies declare no length
             raise PayloadTooLargeError(limit)
+    return bytes(body)
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The request body as JSON: at most `limit` bytes (413), strict UTF-8, no NaN/Infinity (400)."""
+    return parse_json(await read_body(request, limit))
+
+
+def parse_json(body: bytes) -> Any:
     if not body.strip():
         raise InvalidRequestError("The request body is empty; send a JSON object.", code="invalid_json")
     try:
-        data = json.loads(bytes(body).decode("utf-8"), parse_constant=_reject_constant)
+        data = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
         _check_text(data)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise invalid_json(exc) from None
@@ -409,8 +418,11 @@ class _Api:
     async def invocations(self, request: Request) -> Response:
         try:
             self.check_key(request)
-            raw = await read_json(request, self.settings.max_body_bytes)
-            rows, wrapped = split_invocation(raw)
+            body = await read_body(request, self.settings.max_body_bytes)
+            if request.headers.get("content-type", "").split(";")[0].strip().lower() == "text/csv":
+                rows, wrapped = csv_rows(body), True  # as mlflow models serve: one request per CSV row
+            else:
+                rows, wrapped = split_invocation(parse_json(body))
             requested = [row.get("model") for row in rows]
             if any(m is not None and not isinstance(m, str) for m in requested):
                 raise InvalidRequestError("Invalid value for 'model': must be a string.", param="model")
@@ -529,6 +541,25 @@ def split_invocation(raw: Any) -> tuple[list[dict[str, Any]], bool]:
     if not rows:
         raise InvalidRequestError(f"Invalid value for '{key}': no rows.", param=key)
     return [{**params, **{k: v for k, v in row.items() if v is not None}} for row in rows], True
+
+
+def csv_rows(body: bytes) -> list[dict[str, Any]]:
+    """The rows of a `text/csv` /invocations body, read as `mlflow models serve` reads it (pandas); an
+    empty cell means "not given"."""
+    import io
+
+    import pandas as pd
+
+    from llmadapter.mlflow_model import frame_rows
+
+    try:
+        frame = pd.read_csv(io.StringIO(body.decode("utf-8")))
+    except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InvalidRequestError(f"The body is not valid CSV: {detail}", code="invalid_csv") from None
+    if frame.empty:
+        raise InvalidRequestError("The CSV body has a header but no rows.", code="invalid_csv")
+    return frame_rows(frame)
 
 
 def pyfunc_rows(rows: list[dict[str, Any]], task: str) -> list[dict[str, Any]]:

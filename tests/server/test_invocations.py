@@ -12,6 +12,7 @@ from llmadapter.server.app import build_app
 from llmadapter.testing import TRAINED_ANSWER
 from tests.server.conftest import (
     CHAT_ID,
+    COMPLETIONS_ID,
     EMBEDDINGS_ID,
     LONG_ID,
     RunningServer,
@@ -121,3 +122,44 @@ def test_several_models_need_a_model_field(server: RunningServer) -> None:
         server, {"dataframe_split": {"columns": ["model", "input"], "data": [[EMBEDDINGS_ID, "Hello"]]}}
     )
     assert len(split.json()["predictions"]["data"][0]["embedding"]) == 384
+
+
+def _post_csv(server: RunningServer, text: str) -> httpx.Response:
+    return httpx.post(
+        f"{server.url}/invocations", content=text.encode(), headers={"content-type": "text/csv"}, timeout=60
+    )
+
+
+def test_csv_bodies_are_one_request_per_row(server: RunningServer) -> None:
+    """`mlflow models serve` reads text/csv with pandas; so do we (empty cells are "not given")."""
+    csv = "model,prompt,max_tokens,temperature\n"
+    csv += f"{COMPLETIONS_ID},The quick brown,4,0\n{COMPLETIONS_ID},The quick,,0\n"
+    response = _post_csv(server, csv)
+    assert response.status_code == 200, response.text
+    first, second = response.json()["predictions"]
+    plain = _post(
+        server, {"model": COMPLETIONS_ID, "prompt": "The quick brown", "max_tokens": 4, "temperature": 0}
+    )
+    assert first["choices"][0]["text"] == plain.json()["choices"][0]["text"]
+    assert first["usage"]["completion_tokens"] == 4
+    # max_tokens left empty: the model's default limit, so it runs past the first answer's 4 tokens.
+    assert second["choices"][0]["text"].startswith(" brown fox jumps")
+    texts = f'model,input\n{EMBEDDINGS_ID},Hello\n{EMBEDDINGS_ID},"Hello, how are you?"\n'
+    embedded = _post_csv(server, texts)
+    assert embedded.status_code == 200, embedded.text
+    assert [d["index"] for d in embedded.json()["predictions"]["data"]] == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ("", "invalid_csv"),
+        ("prompt,max_tokens\n", "invalid_csv"),
+        ('prompt\n"unterminated\n', "invalid_csv"),
+    ],
+    ids=["empty", "header-only", "unterminated-quote"],
+)
+def test_bad_csv_is_a_400(chat_only: RunningServer, body: str, code: str) -> None:
+    response = _post_csv(chat_only, body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == code
