@@ -557,10 +557,14 @@ def _checked(name: str, check: Callable[..., CheckResult], *args: Any) -> CheckR
 class _Runner:
     """Runs the prediction checks for one task against a session, collecting CheckResults."""
 
-    def __init__(self, session: _Session, task: str, max_latency_s: float | None) -> None:
+    def __init__(
+        self, session: _Session, task: str, max_latency_s: float | None, default_stops: bool = False
+    ) -> None:
         self.session = session
         self.task = task
         self.max_latency_s = max_latency_s
+        # The model_config's own stop strings apply to every sample, as the request's would.
+        self.default_stops = default_stops
         self.checks: list[CheckResult] = []
         self.responses: dict[str, Any] = {}
 
@@ -638,7 +642,7 @@ class _Runner:
             per_choice = completion / n_choices
             all_at_limit = (
                 max_tokens is not None
-                and not sample.request.get("stop")
+                and not (sample.request.get("stop") or self.default_stops)
                 and completion == max_tokens * n_choices
             )
             for choice in resp["choices"]:
@@ -981,7 +985,8 @@ def validate_model(
                     name="fresh-process-load", passed=True, detail=f"loaded in {where}", latency_s=load_s
                 )
             )
-            checks += _prediction_checks(session, task, user_samples, max_latency_s)
+            stops = bool(_stored_config(info).get("stop"))
+            checks += _prediction_checks(session, task, user_samples, max_latency_s, stops)
     passed = all(c.passed for c in checks)
     return ValidationReport(
         model_uri=model_uri,
@@ -993,10 +998,20 @@ def validate_model(
     )
 
 
+def _stored_config(info: Any) -> dict[str, Any]:
+    """The model_config logged with the model (MLflow keeps the pyfunc's under "config")."""
+    pyfunc = info.flavors.get("python_function", {})
+    return dict(pyfunc.get("config") or pyfunc.get("model_config") or {})
+
+
 def _prediction_checks(
-    session: _Session, task: str, user_samples: list[ValidationSample], max_latency_s: float | None
+    session: _Session,
+    task: str,
+    user_samples: list[ValidationSample],
+    max_latency_s: float | None,
+    default_stops: bool = False,
 ) -> list[CheckResult]:
-    runner = _Runner(session, task, max_latency_s)
+    runner = _Runner(session, task, max_latency_s, default_stops)
     builtin = _BUILTIN[task]
     samples = [*builtin, *user_samples]
     greedy = builtin[0]

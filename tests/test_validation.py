@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import mlflow.pyfunc
@@ -291,10 +292,13 @@ class ScriptedAnswers(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
         return answer
 
 
-def _log_scripted(flaw: str, task: str = CHAT) -> str:
+def _log_scripted(flaw: str, task: str = CHAT, model_config: dict[str, Any] | None = None) -> str:
     with mlflow.start_run():
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=ScriptedAnswers(flaw), metadata={"task": task}
+            name="model",
+            python_model=ScriptedAnswers(flaw),
+            metadata={"task": task},
+            model_config=model_config,
         )
     return str(info.model_uri)
 
@@ -314,6 +318,14 @@ def test_stop_after_all_max_tokens_without_a_stop_string_fails_the_finish_reason
     assert "chat-n2-seed: 'stop'" in finish.detail  # 2 choices, 2 * 8 tokens: both hit the limit
     # A stop string may match in the last allowed token: "stop" at the limit is right there.
     assert "with-stop" not in finish.detail
+
+
+def test_stop_at_the_limit_is_right_when_the_model_config_has_stop_strings(store: Path) -> None:
+    # The logged model_config's stop strings apply to every request, so any answer may end on one.
+    report = validate_model(_log_scripted("stop-at-limit", model_config={"stop": ["."]}), fresh_process=False)
+
+    (finish,) = [c for c in report.checks if c.name == "finish-reason"]
+    assert finish.passed, finish.detail
 
 
 @pytest.mark.parametrize(
