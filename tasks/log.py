@@ -162,6 +162,13 @@ def log_model_once(
     return logged
 
 
+@task(
+    name="run-exists",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=retry_on_transient,
+    task_run_name="check run {run_id}",
+)
 def run_exists(run_id: str) -> bool:
     """True while the run is in the store and not deleted (deleted runs linger until garbage collection)."""
     from mlflow import MlflowClient
