@@ -154,7 +154,7 @@ def _process_wall(kind: str, model_dir: str, fresh: bool, tmp: Path, prefect_hom
     env = {**os.environ, **_environment(tmp, prefect_home)}
     for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "PREFECT_API_URL"):
         env.pop(var, None)
-    argv = [sys.executable, __file__, "--child", kind, "--model-dir", model_dir]
+    argv = [sys.executable, __file__, "--child", kind, "--model-dir", str(Path(model_dir).resolve())]
     argv += [] if fresh else ["--in-process-validation"]
     start = time.perf_counter()
     result = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=tmp)

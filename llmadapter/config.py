@@ -43,7 +43,9 @@ class ModelConfig(BaseModel):
     ] = DEFAULT_MAX_TOKENS
     stop: list[str] = Field(default_factory=list, description="Default stop sequences.")
     n: Annotated[int, Field(ge=1, le=16, description="Default number of choices.")] = 1
-    seed: int | None = Field(default=None, description="Default seed for sampling.")
+    seed: int | None = Field(
+        default=None, ge=-(2**63), le=2**63 - 1, description="Default seed for sampling (64-bit)."
+    )
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     max_batch_size: Annotated[

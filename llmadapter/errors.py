@@ -6,6 +6,7 @@ LLMAdapterError                    500  server_error
 ├── AuthenticationError            401  authentication_error
 ├── NotFoundError                  404  not_found_error         (unknown model or route for a task)
 ├── OverloadedError                429  rate_limit_error        (queue full; carries retry_after)
+├── GenerationError                500  server_error            (the model failed; HTTP shows a log ref)
 ├── ConfigError                    400  invalid_request_error   (bad model_config / log arguments)
 ├── ModelSourceError               400  invalid_request_error   (a source that cannot be resolved)
 └── ValidationFailedError          422  validation_error        (a logged model failed validation)
@@ -65,6 +66,15 @@ class OverloadedError(LLMAdapterError):
     def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
         super().__init__(message, code="queue_full")
         self.retry_after = retry_after
+
+
+class GenerationError(LLMAdapterError):
+    """The model failed on a batch, not the request: the message names the cause for library callers
+    (pyfunc predict, validation reports); HTTP answers carry only a reference to the server log."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(f"Generation failed: {type(cause).__name__}: {cause}", code="generation_failed")
+        self.__cause__ = cause
 
 
 class ConfigError(LLMAdapterError):

@@ -48,6 +48,7 @@ BAD_CONFIGS = [
     ({"stop": [1]}, "stop"),
     ({"max_batch_size": 0}, "max_batch_size"),
     ({"context_window": 0}, "context_window"),
+    ({"seed": 2**64}, "seed"),
 ]
 
 

@@ -236,7 +236,7 @@ class GenerationEngine(Engine):
             # Never admissible, so not a 429 to retry: the request itself is too large.
             raise InvalidRequestError(
                 f"This request asks for {sequences} sequences ({len(prompts)} prompts x n={params.n}); this "
-                f"server runs at most {self.scheduler.max_queue} at once.",
+                f"server holds at most {self.scheduler.max_queue} queued or running.",
                 param="n" if params.n > 1 else param,
             )
         prefix = "chatcmpl" if isinstance(req, ChatCompletionRequest) else "cmpl"

@@ -25,7 +25,8 @@ class RowSampler:
             generator = torch.Generator()
             # A per-request generator: seeded runs are reproducible and never touch the global RNG.
             seed = params.seed + choice_index if params.seed is not None else secrets.randbits(63)
-            generator.manual_seed(seed % 2**64)  # torch takes an unsigned 64-bit seed
+            # Seeds are signed 64-bit (protocol and config bound them); torch takes -2**63 .. 2**64 - 1.
+            generator.manual_seed(seed)
         return cls(params, generator, {})
 
     def observe(self, token_id: int) -> None:
@@ -75,8 +76,8 @@ def choose_tokens(logits: torch.Tensor, rows: list[RowSampler]) -> list[int]:
         scaled = _filter(logits[i] / p.temperature, p.top_k, p.top_p)
         probs = torch.softmax(scaled, dim=-1)
         if not bool(torch.isfinite(probs).all()):
-            # A logit_bias of +100 on several tokens, or a tiny temperature, can overflow: the mass sits
-            # on the largest logit, so take it rather than fail the whole batch in multinomial.
+            # Only non-finite logits get here (a model that overflowed in float16, say): multinomial would
+            # raise and fail every sequence of the batch; the largest logit is the answer that is left.
             out[i] = int(torch.argmax(logits[i]))
             continue
         out[i] = int(torch.multinomial(probs, 1, generator=row.generator).item())

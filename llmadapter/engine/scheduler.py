@@ -21,7 +21,7 @@ from llmadapter.config import GenerationParams
 from llmadapter.engine.base import EngineStats
 from llmadapter.engine.sampling import RowSampler, choose_tokens
 from llmadapter.engine.stops import IncrementalDecoder, StopMatcher
-from llmadapter.errors import LLMAdapterError, OverloadedError
+from llmadapter.errors import GenerationError, LLMAdapterError, OverloadedError
 
 log = logging.getLogger(__name__)
 
@@ -184,12 +184,7 @@ class Scheduler:
                         self._drop_finished()
             except Exception as exc:  # one failing step must not kill the worker for later requests
                 log.exception("generation step failed")
-                # The exception text may hold internals (shapes, device errors): it goes to the log only.
-                err = (
-                    exc
-                    if isinstance(exc, LLMAdapterError)
-                    else LLMAdapterError(f"Generation failed ({type(exc).__name__}); see the server log.")
-                )
+                err = exc if isinstance(exc, LLMAdapterError) else GenerationError(exc)
                 for seq in [*self._batch.seqs, *admitted]:
                     if seq.finish_reason is None:
                         self._finish(seq, None, err)

@@ -496,6 +496,8 @@ async def _all_or_none(calls: list[Awaitable[Any]]) -> list[Any]:
     finally:
         for task in tasks:
             task.cancel()
+        # Let each cancelled row reach the engine (scheduler.cancel) before the caller frees its slot.
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _finally(
@@ -543,6 +545,9 @@ def split_invocation(raw: Any) -> tuple[list[dict[str, Any]], bool]:
     return [{**params, **{k: v for k, v in row.items() if v is not None}} for row in rows], True
 
 
+_CSV_TEXT = ("prompt", "input", "model", "stop", "user", "suffix", "encoding_format")
+
+
 def csv_rows(body: bytes) -> list[dict[str, Any]]:
     """The rows of a `text/csv` /invocations body, read as `mlflow models serve` reads it (pandas); an
     empty cell means "not given"."""
@@ -553,7 +558,9 @@ def csv_rows(body: bytes) -> list[dict[str, Any]]:
     from llmadapter.mlflow_model import frame_rows
 
     try:
-        frame = pd.read_csv(io.StringIO(body.decode("utf-8")))
+        # Text columns stay text ("42" is a prompt, not a number), as the signature's types make MLflow read
+        # them; the numeric parameters are inferred.
+        frame = pd.read_csv(io.StringIO(body.decode("utf-8")), dtype=dict.fromkeys(_CSV_TEXT, str))
     except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InvalidRequestError(f"The body is not valid CSV: {detail}", code="invalid_csv") from None

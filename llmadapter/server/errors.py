@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
-from llmadapter.errors import InvalidRequestError, LLMAdapterError, OverloadedError
+from llmadapter.errors import GenerationError, InvalidRequestError, LLMAdapterError, OverloadedError
 from llmadapter.protocol import ErrorBody, ErrorResponse
 
 log = logging.getLogger("llmadapter.server")
@@ -83,6 +83,16 @@ def to_error_answer(exc: BaseException) -> ErrorAnswer:
     The message of an unexpected exception is not shown: it may hold paths, tensors or a stack; the
     full traceback goes to the server log instead, under an id the client sees.
     """
+    if isinstance(exc, GenerationError):
+        # Its message may hold internals (tensor shapes, device errors): the log gets it, the client a ref.
+        ref = uuid.uuid4().hex[:12]
+        log.error("generation failed (ref %s): %s", ref, exc.message)
+        body = ErrorBody(
+            message=f"Generation failed (ref {ref}); see the server log.",
+            type=exc.error_type,
+            code=exc.code,
+        )
+        return ErrorAnswer(exc.status_code, ErrorResponse(error=body))
     if isinstance(exc, LLMAdapterError):
         headers: dict[str, str] = {}
         if isinstance(exc, OverloadedError | ModelLoadingError):

@@ -16,6 +16,7 @@ import pytest
 
 import llmadapter
 from llmadapter import registry
+from llmadapter.settings import configure_mlflow
 from llmadapter.validation import CheckResult, ValidationReport
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -29,7 +30,8 @@ def _free_port() -> int:
 
 
 def _register_champion(tiny_gpt2: Path) -> None:
-    mlflow.set_experiment("serve")
+    # The configured experiment keeps artifacts under the test's data dir (not ./mlruns in the repo).
+    mlflow.set_experiment(experiment_id=configure_mlflow())
     with mlflow.start_run():
         uri = llmadapter.log_model(str(tiny_gpt2), name="model", task="llm/v1/chat").model_uri
     passed = ValidationReport(

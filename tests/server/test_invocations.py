@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -14,7 +15,6 @@ from tests.server.conftest import (
     CHAT_ID,
     COMPLETIONS_ID,
     EMBEDDINGS_ID,
-    LONG_ID,
     RunningServer,
     long_request,
     serve,
@@ -94,15 +94,19 @@ def test_stream_flag_is_ignored_as_pyfunc_predict_does(chat_only: RunningServer)
 def test_a_failing_row_cancels_the_rows_already_generating(
     server: RunningServer, long_engine: Engine
 ) -> None:
-    good = long_request(max_tokens=4000)  # tens of seconds of generation if nothing stops it
+    good = long_request(max_tokens=4000)  # seconds of generation if nothing stops it
     too_long = {**good, "max_tokens": 5000}  # over the 4096-token window: refused when its turn comes
+    before = long_engine.stats.completion_tokens
     response = _post(server, {"dataframe_records": [good, too_long]})
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "max_tokens"
-    # The first row started generating; with nobody left to answer, it stops instead of running on.
-    wait_until(
-        lambda: server.metric("llmadapter_running", model=LONG_ID) == 0, timeout=5, message="cancellation"
-    )
+    # The first row was already submitted; with nobody left to answer, it stops instead of running on.
+    stats = long_engine.stats
+    wait_until(lambda: stats.running == 0 and stats.queue_depth == 0, timeout=10, message="cancellation")
+    settled = stats.completion_tokens
+    time.sleep(0.5)
+    assert stats.completion_tokens == settled  # nothing generates any more
+    assert settled - before < 1000
 
 
 def test_row_errors_name_the_parameter(chat_only: RunningServer) -> None:
@@ -163,3 +167,9 @@ def test_bad_csv_is_a_400(chat_only: RunningServer, body: str, code: str) -> Non
     response = _post_csv(chat_only, body)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["code"] == code
+
+
+def test_csv_text_columns_stay_text(server: RunningServer) -> None:
+    response = _post_csv(server, f"model,prompt,max_tokens,temperature\n{COMPLETIONS_ID},42,3,0\n")
+    assert response.status_code == 200, response.text
+    assert response.json()["predictions"]["usage"]["completion_tokens"] <= 3
