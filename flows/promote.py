@@ -203,7 +203,7 @@ def promote(
         model_name,
         candidate.version,
         decision.alias,
-        decision.approver or None,
+        decision.approver,
         decision.comment or None,
         rollback,
     )
@@ -221,6 +221,6 @@ def promote(
         alias=decision.alias,
         outcome="approved",
         previous=result.previous,
-        approver=decision.approver or None,
+        approver=decision.approver,
         comment=decision.comment or None,
     )
