@@ -8,8 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from llmadapter.catalog import CHAT, COMPLETIONS, EMBEDDINGS
 from llmadapter.config import EmbeddingsConfig, ModelConfig, parse_model_config
-from llmadapter.tasks import CHAT, COMPLETIONS, EMBEDDINGS
 from tasks.validate import ValidationOptions
 
 LLMTask = Literal["llm/v1/chat", "llm/v1/completions", "llm/v1/embeddings"]

@@ -1,5 +1,6 @@
 """llmadapter: Transformers pipelines as OpenAI-compatible llm/v1 MLflow models, answered by our engine."""
 
+from llmadapter.catalog import CHAT, COMPLETIONS, EMBEDDINGS
 from llmadapter.config import EmbeddingsConfig, ModelConfig
 from llmadapter.errors import (
     AuthenticationError,
@@ -13,7 +14,6 @@ from llmadapter.errors import (
     ValidationFailedError,
 )
 from llmadapter.mlflow_model import build_engine, default_pip_requirements, load_engine, log_model, save_model
-from llmadapter.tasks import CHAT, COMPLETIONS, EMBEDDINGS
 
 __all__ = [
     "CHAT",

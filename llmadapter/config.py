@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -79,6 +79,9 @@ class EmbeddingsConfig(BaseModel):
     max_batch_size: Annotated[int, Field(ge=1, le=4096, description="Texts per forward pass.")] = 64
 
 
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
 def _config_error(exc: ValidationError, what: str) -> ConfigError:
     first = exc.errors()[0]
     key = ".".join(str(p) for p in first.get("loc", ())) or None
@@ -88,17 +91,26 @@ def _config_error(exc: ValidationError, what: str) -> ConfigError:
     return ConfigError(f"Invalid {what} value for '{key}': {msg}.", param=key)
 
 
-def parse_model_config(inference_task: str, data: Mapping[str, Any] | None) -> ModelConfig | EmbeddingsConfig:
-    """Validate a user's model_config for a task; unknown keys and out-of-range values raise ConfigError."""
+def validate_config(cls: type[ConfigT], data: Any) -> ConfigT:
+    """Validate a model_config mapping as `cls`; unknown keys and out-of-range values raise ConfigError.
+
+    The catalog calls this with the task's config model (`TaskSpec.parse_config`).
+    """
+    if isinstance(data, cls):
+        return data
     if data is not None and not isinstance(data, Mapping):
         raise ConfigError(f"model_config must be a mapping, got {type(data).__name__}.", param="model_config")
-    cls: type[ModelConfig] | type[EmbeddingsConfig] = (
-        EmbeddingsConfig if inference_task.endswith("embeddings") else ModelConfig
-    )
     try:
         return cls.model_validate(dict(data or {}))
     except ValidationError as exc:
         raise _config_error(exc, "model_config") from None
+
+
+def parse_model_config(inference_task: str, data: Mapping[str, Any] | None) -> ModelConfig | EmbeddingsConfig:
+    """Validate a user's model_config for an llm/v1 task (see TaskSpec.parse_config)."""
+    from llmadapter.catalog import get_task
+
+    return get_task(inference_task).parse_config(data)
 
 
 @dataclass(frozen=True)

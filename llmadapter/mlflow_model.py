@@ -18,9 +18,9 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llmadapter.catalog import CHAT, EMBEDDINGS, TaskSpec, build_signature, get_task, resolve_task
 from llmadapter.config import EmbeddingsConfig, ModelConfig, parse_model_config
 from llmadapter.errors import ConfigError, InvalidRequestError, LLMAdapterError
-from llmadapter.tasks import CHAT, EMBEDDINGS, TaskSpec, build_signature, get_task, resolve_task
 
 if TYPE_CHECKING:
     from mlflow.models.model import ModelInfo

@@ -28,10 +28,10 @@ from typing import IO, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from llmadapter.catalog import CHAT, COMPLETIONS, EMBEDDINGS, get_task
 from llmadapter.errors import ConfigError, LLMAdapterError, ValidationFailedError
 from llmadapter.protocol import ChatCompletionResponse, CompletionResponse, EmbeddingResponse
 from llmadapter.settings import get_settings
-from llmadapter.tasks import CHAT, COMPLETIONS, EMBEDDINGS, get_task
 
 __all__ = [
     "CheckResult",

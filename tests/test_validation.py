@@ -14,8 +14,8 @@ from mlflow.models import ModelSignature
 from mlflow.types.schema import ColSpec, DataType, Schema
 
 import llmadapter
+from llmadapter.catalog import build_signature
 from llmadapter.errors import ValidationFailedError
-from llmadapter.tasks import build_signature
 from llmadapter.testing import TRAINED_ANSWER, TRAINED_PROMPT, build_tiny_model
 from llmadapter.validation import (
     CheckResult,

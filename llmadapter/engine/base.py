@@ -14,9 +14,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from llmadapter.catalog import TaskSpec
 from llmadapter.errors import InvalidRequestError
 from llmadapter.protocol import parse_request
-from llmadapter.tasks import TaskSpec
 
 
 @dataclass

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
+from llmadapter.catalog import EMBEDDINGS, get_task
 from llmadapter.config import EmbeddingsConfig
 from llmadapter.engine.base import Engine, EngineStats
 from llmadapter.engine.pooling import (
@@ -34,7 +35,6 @@ from llmadapter.engine.pooling import (
 )
 from llmadapter.errors import ConfigError, ContextLengthError, InvalidRequestError, LLMAdapterError
 from llmadapter.protocol import EmbeddingData, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
-from llmadapter.tasks import EMBEDDINGS, get_task
 
 if TYPE_CHECKING:
     import torch

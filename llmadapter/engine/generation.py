@@ -11,6 +11,7 @@ from typing import Any, cast
 
 from pydantic import BaseModel
 
+from llmadapter.catalog import CHAT, TaskSpec
 from llmadapter.config import GenerationParams, ModelConfig
 from llmadapter.engine.base import Engine, EngineStats
 from llmadapter.engine.sampling import RowSampler
@@ -38,7 +39,6 @@ from llmadapter.protocol import (
     new_id,
     now,
 )
-from llmadapter.tasks import CHAT, TaskSpec
 
 GenRequest = ChatCompletionRequest | CompletionRequest
 

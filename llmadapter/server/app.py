@@ -31,6 +31,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from llmadapter.catalog import CHAT, COMPLETIONS, EMBEDDINGS
 from llmadapter.engine.base import Engine
 from llmadapter.errors import AuthenticationError, InvalidRequestError, NotFoundError, OverloadedError
 from llmadapter.protocol import ModelCard, ModelList
@@ -46,7 +47,6 @@ from llmadapter.server.errors import (
 from llmadapter.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from llmadapter.server.metrics import ServerMetrics
 from llmadapter.server.settings import ServerSettings
-from llmadapter.tasks import CHAT, COMPLETIONS, EMBEDDINGS
 
 log = logging.getLogger("llmadapter.server")
 

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import transformers
 
+from llmadapter.catalog import CHAT, COMPLETIONS, get_task
 from llmadapter.config import ModelConfig
 from llmadapter.engine.generation import GenerationEngine
 from llmadapter.errors import ContextLengthError, InvalidRequestError, LLMAdapterError
@@ -19,7 +20,6 @@ from llmadapter.protocol import (
     CompletionChunk,
     CompletionResponse,
 )
-from llmadapter.tasks import CHAT, COMPLETIONS, get_task
 from llmadapter.testing import TRAINED_ANSWER, TRAINED_PROMPT
 
 HELLO = [{"role": "user", "content": TRAINED_PROMPT}]

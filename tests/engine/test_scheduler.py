@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import transformers
 
+from llmadapter.catalog import get_task
 from llmadapter.config import ModelConfig
 from llmadapter.engine.generation import GenerationEngine
 from llmadapter.errors import GenerationError, InvalidRequestError, OverloadedError
 from llmadapter.protocol import ChatCompletionRequest, CompletionRequest, parse_request
 from llmadapter.server.errors import to_error_answer
-from llmadapter.tasks import get_task
 
 
 def _engine(folder: Path, task: str = "llm/v1/completions", **config: object) -> GenerationEngine:

@@ -17,11 +17,11 @@ import transformers
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from llmadapter.catalog import CHAT, get_task
 from llmadapter.config import ModelConfig
 from llmadapter.engine.generation import GenerationEngine
 from llmadapter.engine.stops import IncrementalDecoder, StopMatcher
 from llmadapter.protocol import ChatCompletionChunk, ChatCompletionResponse
-from llmadapter.tasks import CHAT, get_task
 from llmadapter.testing import TRAINED_ANSWER, TRAINED_PROMPT
 
 # Deterministic, bounded property runs: same examples every run, no example database.

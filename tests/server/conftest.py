@@ -17,11 +17,11 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
+from llmadapter.catalog import CHAT, COMPLETIONS, get_task
 from llmadapter.config import ModelConfig
 from llmadapter.engine.base import Engine
 from llmadapter.server.app import build_app
 from llmadapter.server.settings import ServerSettings
-from llmadapter.tasks import CHAT, COMPLETIONS, get_task
 from llmadapter.testing import build_tiny_model
 
 CHAT_ID = "trained-chat"

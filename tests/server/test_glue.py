@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
+from llmadapter.catalog import CHAT, EMBEDDINGS, get_task
 from llmadapter.engine.base import Engine, EngineStats
 from llmadapter.errors import (
     AuthenticationError,
@@ -39,7 +40,6 @@ from llmadapter.server.errors import (
     to_error_answer,
 )
 from llmadapter.server.settings import ServerSettings
-from llmadapter.tasks import CHAT, EMBEDDINGS, get_task
 
 
 class FakeEngine(Engine):

@@ -12,9 +12,9 @@ import httpx
 import openai
 import pytest
 
+from llmadapter.catalog import CHAT
 from llmadapter.engine.base import Engine
 from llmadapter.server.app import build_app
-from llmadapter.tasks import CHAT
 from llmadapter.testing import TRAINED_ANSWER
 from tests.server.conftest import (
     CHAT_ID,

@@ -5,9 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from llmadapter.config import EmbeddingsConfig, ModelConfig
+from llmadapter.config import EmbeddingsConfig, ModelConfig, validate_config
 from llmadapter.errors import ConfigError
-from llmadapter.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from llmadapter.protocol import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChunk,
+    CompletionRequest,
+    CompletionResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
+)
 
 if TYPE_CHECKING:
     from mlflow.models import ModelSignature
@@ -53,12 +62,16 @@ _EMBEDDINGS_EXTRA = (
 
 @dataclass(frozen=True)
 class TaskSpec:
+    """Everything that differs between the llm/v1 tasks, so that callers look it up instead of branching."""
+
     inference_task: str
     native_tasks: tuple[str, ...]
     request_model: type[Any]
+    response_model: type[Any]
+    chunk_model: type[Any] | None  # None: the task does not stream
     config_model: type[ModelConfig] | type[EmbeddingsConfig]
-    input_field: str
-    response_object: str
+    route: str  # the OpenAI route that answers it
+    name_suffix: str  # appended to default registered model names
     extra_fields: tuple[tuple[str, str], ...]
 
     @property
@@ -67,36 +80,46 @@ class TaskSpec:
 
     @property
     def is_generation(self) -> bool:
-        return self.inference_task != EMBEDDINGS
+        return self.chunk_model is not None
+
+    def parse_config(self, data: Any) -> ModelConfig | EmbeddingsConfig:
+        """Validate a model_config mapping for this task (unknown keys and bad values raise ConfigError)."""
+        return validate_config(self.config_model, data)
 
 
 CATALOG: dict[str, TaskSpec] = {
     CHAT: TaskSpec(
-        CHAT,
-        ("text-generation",),
-        ChatCompletionRequest,
-        ModelConfig,
-        "messages",
-        "chat.completion",
-        _CHAT_EXTRA,
+        inference_task=CHAT,
+        native_tasks=("text-generation",),
+        request_model=ChatCompletionRequest,
+        response_model=ChatCompletionResponse,
+        chunk_model=ChatCompletionChunk,
+        config_model=ModelConfig,
+        route="/v1/chat/completions",
+        name_suffix="chat",
+        extra_fields=_CHAT_EXTRA,
     ),
     COMPLETIONS: TaskSpec(
-        COMPLETIONS,
-        ("text-generation",),
-        CompletionRequest,
-        ModelConfig,
-        "prompt",
-        "text_completion",
-        _COMPLETIONS_EXTRA,
+        inference_task=COMPLETIONS,
+        native_tasks=("text-generation",),
+        request_model=CompletionRequest,
+        response_model=CompletionResponse,
+        chunk_model=CompletionChunk,
+        config_model=ModelConfig,
+        route="/v1/completions",
+        name_suffix="completions",
+        extra_fields=_COMPLETIONS_EXTRA,
     ),
     EMBEDDINGS: TaskSpec(
-        EMBEDDINGS,
-        ("feature-extraction", "sentence-similarity"),
-        EmbeddingRequest,
-        EmbeddingsConfig,
-        "input",
-        "list",
-        _EMBEDDINGS_EXTRA,
+        inference_task=EMBEDDINGS,
+        native_tasks=("feature-extraction", "sentence-similarity"),
+        request_model=EmbeddingRequest,
+        response_model=EmbeddingResponse,
+        chunk_model=None,
+        config_model=EmbeddingsConfig,
+        route="/v1/embeddings",
+        name_suffix="embeddings",
+        extra_fields=_EMBEDDINGS_EXTRA,
     ),
 }
 

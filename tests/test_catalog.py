@@ -6,8 +6,8 @@ import pytest
 from mlflow.transformers.llm_inference_utils import _SIGNATURE_FOR_LLM_INFERENCE_TASK
 from mlflow.types.schema import ColSpec
 
+from llmadapter.catalog import CATALOG, CHAT, COMPLETIONS, EMBEDDINGS, build_signature, get_task, resolve_task
 from llmadapter.errors import ConfigError
-from llmadapter.tasks import CATALOG, CHAT, COMPLETIONS, EMBEDDINGS, build_signature, get_task, resolve_task
 
 TASKS = [CHAT, COMPLETIONS, EMBEDDINGS]
 
@@ -70,7 +70,12 @@ def test_catalog_entries(task: str) -> None:
     spec = get_task(task)
     assert spec.inference_task == task
     assert spec.is_generation == (task != EMBEDDINGS)
-    assert spec.input_field in spec.request_model.model_fields
+    # The catalog's tables agree with the protocol models they name.
+    objects = {"chat.completion", "text_completion", "list"}
+    assert spec.response_model.model_fields["object"].default in objects
+    assert spec.route.startswith("/v1/")
+    assert spec.name_suffix in task
+    assert isinstance(spec.parse_config({}), spec.config_model)
 
 
 def _cols(signature_inputs: object) -> dict[str, ColSpec]:
