@@ -14,7 +14,11 @@ LLMAdapterError                    500  server_error
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 
 class LLMAdapterError(Exception):
@@ -90,3 +94,23 @@ class ModelSourceError(LLMAdapterError):
 class ValidationFailedError(LLMAdapterError):
     status_code = 422
     error_type = "validation_error"
+
+
+@dataclass(frozen=True)
+class FirstError:
+    """The first problem of a pydantic ValidationError, in the words our messages use."""
+
+    where: str  # dotted location ("messages.0.role"), "" for the whole object
+    message: str  # pydantic's message without its "Value error, " prefix
+    kind: str  # pydantic's error type ("extra_forbidden", "missing", "int_type", ...)
+
+
+def first_error(exc: ValidationError) -> FirstError:
+    """The one conversion from a pydantic ValidationError to (location, message, type)."""
+    errors = exc.errors()
+    if not errors:
+        return FirstError("", "invalid value", "value_error")
+    first = errors[0]
+    where = ".".join(str(p) for p in first.get("loc", ()))
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    return FirstError(where, message, str(first.get("type", "value_error")))
