@@ -1,5 +1,6 @@
-"""Resolve a model source (hub id@revision, local folder, GGUF file) to a local folder and a pinned revision.
+"""Model sources (hub id@revision, local folder, GGUF file): parsed, resolved to a local folder and a pin.
 
+    parse_source("org/name@v1.0")         -> kind="hub",   repo_id="org/name", revision="v1.0" (nothing read)
     resolve_source("org/name@v1.0")       -> kind="hub",   local_dir=<cache>/snapshots/<sha>, revision=<sha>
     resolve_source("/models/finetune")    -> kind="local", local_dir=that folder, revision=<fingerprint>
     resolve_source("/models/x.Q4_1.gguf") -> kind="gguf",  local_dir=<converted folder>, revision=<sha256>
@@ -8,11 +9,11 @@
 `revision` is always set and immutable for the content it names, so callers may cache on it:
 
 - hub: the commit sha of the snapshot. Moving names ("main", a tag) are resolved once, here: online by
-  the hub, offline (HF_HUB_OFFLINE) from the cache's `refs/<name>`.
+  the hub, offline (HF_HUB_OFFLINE) from the cache's refs, through huggingface_hub's offline lookups.
 - local folder: a sha256 fingerprint of the relative path, size and mtime of every non-hidden file. It
   changes whenever a file is rewritten (even with the same bytes) and never stays the same across a
   normal re-save; it costs a `stat` per file, not a read of gigabytes of weights.
-- GGUF: the sha256 of the file.
+- GGUF: the sha256 of the file (converted by `llmadapter.gguf_convert`).
 
 A local folder inside a hub cache (`models--org--name/snapshots/<sha>`) is reported as the hub source
 it is. Every failure is a `ModelSourceError` naming the parameter at fault.
@@ -25,22 +26,24 @@ after importing huggingface_hub still never touches the network.
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import hashlib
-import json
 import os
 import re
-import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from llmadapter.catalog import get_task
 from llmadapter.errors import ModelSourceError
 
-if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+# GGUF_MARKER and gguf_to_folder moved to llmadapter.gguf_convert; importable from here as before.
+from llmadapter.gguf_convert import GGUF_MARKER as GGUF_MARKER
+from llmadapter.gguf_convert import convert_gguf, default_gguf_out_dir, file_sha256
+from llmadapter.gguf_convert import gguf_to_folder as gguf_to_folder
 
 SourceKind = Literal["hub", "local", "gguf"]
 
@@ -59,12 +62,42 @@ HUB_IGNORE_PATTERNS = (
     "coreml/*",
     "original/*",
 )
-GGUF_MARKER = ".llmadapter-gguf.json"
 
 _COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
-_SNAPSHOT = re.compile(r"^models--(?P<repo>.+)$")
+_NAME_SLUG = re.compile(r"[^a-z0-9]+")
 _TRUE = {"1", "ON", "YES", "TRUE"}
-_HASH_CHUNK = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ParsedSource:
+    """A source as spelled, before anything is downloaded or hashed: its kind and the revision it asks for."""
+
+    source: str
+    kind: SourceKind
+    path: Path | None = None  # local and gguf: the absolute path
+    repo_id: str | None = None  # hub
+    revision: str | None = None  # what was asked for; None: the default branch (hub), no pin (local, gguf)
+    param: str = "source"  # the parameter a revision problem is blamed on
+
+    @property
+    def hub_revision(self) -> str:
+        """The hub revision to resolve: the one asked for, else the default branch."""
+        return self.revision or DEFAULT_REVISION
+
+    @property
+    def follows_branch(self) -> bool:
+        """A hub id at a branch or tag (the default branch included), not at a commit sha: it can move."""
+        return self.kind == "hub" and not _COMMIT_SHA.match(self.hub_revision)
+
+    def default_model_name(self, task: str) -> str:
+        """A registry name: 'org/SmolLM2-135M-Instruct' for llm/v1/chat -> 'smollm2-135m-instruct-chat'."""
+        if self.repo_id is not None:
+            stem = self.repo_id.rsplit("/", 1)[-1]
+        else:
+            assert self.path is not None
+            stem = self.path.stem if self.kind == "gguf" else self.path.name
+        slug = _NAME_SLUG.sub("-", stem.lower()).strip("-") or "model"
+        return f"{slug}-{get_task(task).name_suffix}"
 
 
 class ResolvedSource(BaseModel):
@@ -78,30 +111,37 @@ class ResolvedSource(BaseModel):
     revision: str = Field(description="Commit sha (hub), sha256 of the file (gguf), fingerprint (local).")
     repo_id: str | None = Field(default=None, description="Hub repo id, for hub sources.")
     requested_revision: str | None = Field(
-        default=None, description="The revision asked for (a branch, tag or sha), for hub sources."
+        default=None,
+        description="The revision asked for with a hub id (a branch, tag or sha); None for a folder or file.",
     )
     gguf_file: Path | None = Field(default=None, description="The GGUF file, for gguf sources.")
 
+    def pinned(self) -> str:
+        """The source spelled so that it cannot move: a hub id at its sha, the GGUF file, else the folder.
 
-@dataclass(frozen=True)
-class _Parsed:
-    kind: SourceKind
-    path: Path | None = None
-    repo_id: str | None = None
-    revision: str | None = None  # what the user asked for; None: the default branch / no pin
-    param: str = "source"  # the parameter a revision problem is blamed on
+        A hub id is re-resolved from the default cache at its sha; a snapshot folder given as a path
+        (possibly in another cache) stays a path.
+        """
+        if self.kind == "hub" and self.requested_revision is not None:  # asked for by hub id
+            return f"{self.repo_id}@{self.revision}"
+        return str(self.gguf_file or self.local_dir)
 
 
 # --- parsing -------------------------------------------------------------------------------------------
 
 
-def _parse(source: str, revision: str | None) -> _Parsed:
+def parse_source(source: str, revision: str | None = None) -> ParsedSource:
+    """What `source` is, from its spelling and what exists on disk; nothing is downloaded or hashed.
+
+    An existing path wins over a hub id of the same spelling, as in transformers' from_pretrained.
+    `revision` is the hub revision when the source pins none, or the expected fingerprint / sha256 of a
+    folder or GGUF file. A source that cannot be one of the three is a `ModelSourceError`.
+    """
     if not isinstance(source, str) or not source.strip():
         raise ModelSourceError("source must be a hub id, a local folder or a .gguf file", param="source")
     path = Path(source).expanduser()
-    # An existing path wins over a hub id of the same spelling, as in transformers' from_pretrained.
     if path.is_dir():
-        return _Parsed("local", path=path.absolute(), revision=revision, param="revision")
+        return ParsedSource(source, "local", path=path.absolute(), revision=revision, param="revision")
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ModelSourceError(
@@ -109,7 +149,7 @@ def _parse(source: str, revision: str | None) -> _Parsed:
                 "a .gguf file or a hub id",
                 param="source",
             )
-        return _Parsed("gguf", path=path.absolute(), revision=revision, param="revision")
+        return ParsedSource(source, "gguf", path=path.absolute(), revision=revision, param="revision")
     if source.startswith(("/", "./", "../", "~", "\\")) or source.lower().endswith(".gguf"):
         raise ModelSourceError(f"source {source!r}: no such file or folder", param="source")
 
@@ -132,7 +172,8 @@ def _parse(source: str, revision: str | None) -> _Parsed:
             f"source {source!r} pins revision {pinned!r} but revision={revision!r} was also given",
             param="revision",
         )
-    return _Parsed(
+    return ParsedSource(
+        source,
         "hub",
         repo_id=repo_id,
         revision=pinned or revision,
@@ -160,94 +201,148 @@ def hub_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     return Path(constants.HF_HUB_CACHE)
 
 
-def _repo_storage(cache: Path, repo_id: str) -> Path:
-    return cache / ("models--" + repo_id.replace("/", "--"))
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Connection-level errors of whichever HTTP client this huggingface_hub version uses."""
+    import importlib
+
+    errors: list[type[BaseException]] = [OSError]
+    for module, name in (("httpx2", "HTTPError"), ("httpx", "HTTPError"), ("requests", "RequestException")):
+        try:
+            errors.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
 
 
-def _cached_ref(cache: Path, repo_id: str, revision: str) -> str | None:
-    ref = _repo_storage(cache, repo_id) / "refs" / revision
-    if not ref.is_file():
-        return None
-    sha = ref.read_text().strip()
-    return sha or None
+def _hub_error(exc: BaseException, parsed: ParsedSource, cache: Path) -> ModelSourceError:
+    """The ModelSourceError for a failed huggingface_hub call about `parsed`; its code lets a retrying
+    caller (a Prefect task) tell a transient failure ("hub_unreachable") from a user error."""
+    from huggingface_hub import errors
 
-
-def _download_command(repo_id: str, revision: str) -> str:
-    return f"`hf download {repo_id} --revision {revision}`"
-
-
-def _resolve_hub(source: str, parsed: _Parsed, cache_dir: str | os.PathLike[str] | None) -> ResolvedSource:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
+    repo_id, revision, offline = parsed.repo_id, parsed.hub_revision, hub_offline()
+    why = (
+        "HF_HUB_OFFLINE is set"
+        if offline
+        else "the hub could not be reached and there is no complete cached copy"
     )
+    # First match wins: GatedRepoError is a RepositoryNotFoundError, and every hub error is an OSError.
+    table: tuple[tuple[type[BaseException], str, str, str], ...] = (
+        (
+            # Also IncompleteSnapshotError (huggingface_hub >= 2): a partial download, the hub unreachable.
+            errors.LocalEntryNotFoundError,
+            "not_in_cache" if offline else "hub_unreachable",
+            "source",
+            f"{repo_id} at revision {revision!r} is not in the Hugging Face cache {cache} and {why}. "
+            f"Download it once with network access (`hf download {repo_id} --revision {revision}`, with "
+            "HF_HUB_CACHE pointing at that cache), or give a local folder.",
+        ),
+        (
+            errors.RevisionNotFoundError,
+            "revision_not_found",
+            parsed.param,
+            f"the hub has no revision {revision!r} in {repo_id}",
+        ),
+        (
+            errors.GatedRepoError,
+            "gated_repo",
+            "source",
+            f"{repo_id} is gated; accept its terms on the hub and log in (HF_TOKEN)",
+        ),
+        (
+            errors.RepositoryNotFoundError,
+            "repo_not_found",
+            "source",
+            f"no model repository {repo_id} on the hub (or it is private: set HF_TOKEN)",
+        ),
+        (BaseException, "hub_unreachable", "source", f"the hub failed on {repo_id}@{revision}: {exc}"),
+    )
+    code, param, message = next((c, p, m) for kind, c, p, m in table if isinstance(exc, kind))
+    return ModelSourceError(f"source {parsed.source!r}: {message}", param=param, code=code)
+
+
+@contextlib.contextmanager
+def _hub_errors(parsed: ParsedSource, cache: Path) -> Iterator[None]:
+    """Raise huggingface_hub's failures (HTTP, connection, not cached) as `_hub_error` maps them."""
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        yield
+    except (LocalEntryNotFoundError, HfHubHTTPError, *_transport_errors()) as exc:
+        raise _hub_error(exc, parsed, cache) from exc
+
+
+def _resolve_hub(parsed: ParsedSource, cache_dir: str | os.PathLike[str] | None) -> ResolvedSource:
+    from huggingface_hub import snapshot_download
 
     assert parsed.repo_id is not None
-    repo_id, revision = parsed.repo_id, parsed.revision or DEFAULT_REVISION
     cache = hub_cache_dir(cache_dir)
-    offline = hub_offline()
-    try:
+    with _hub_errors(parsed, cache):
         folder = snapshot_download(
-            repo_id,
-            revision=revision,
+            parsed.repo_id,
+            revision=parsed.hub_revision,
             cache_dir=str(cache),
-            local_files_only=offline,
+            local_files_only=hub_offline(),
             ignore_patterns=list(HUB_IGNORE_PATTERNS),
         )
-    except LocalEntryNotFoundError as exc:
-        # Also IncompleteSnapshotError (huggingface_hub >= 2): a partial download with the hub unreachable.
-        why = (
-            "HF_HUB_OFFLINE is set"
-            if offline
-            else "the hub could not be reached and there is no complete cached copy"
-        )
-        raise ModelSourceError(
-            f"source {source!r}: {repo_id} at revision {revision!r} is not in the Hugging Face cache "
-            f"{cache} and {why}. Download it once with network access "
-            f"({_download_command(repo_id, revision)}, with HF_HUB_CACHE pointing at that cache), "
-            "or give a local folder.",
-            param="source",
-            code="not_in_cache" if offline else "hub_unreachable",
-        ) from exc
-    except RevisionNotFoundError as exc:
-        raise ModelSourceError(
-            f"source {source!r}: the hub has no revision {revision!r} in {repo_id}",
-            param=parsed.param,
-            code="revision_not_found",
-        ) from exc
-    except GatedRepoError as exc:
-        raise ModelSourceError(
-            f"source {source!r}: {repo_id} is gated; accept its terms on the hub and log in (HF_TOKEN)",
-            param="source",
-            code="gated_repo",
-        ) from exc
-    except RepositoryNotFoundError as exc:
-        raise ModelSourceError(
-            f"source {source!r}: no model repository {repo_id} on the hub (or it is private: set HF_TOKEN)",
-            param="source",
-            code="repo_not_found",
-        ) from exc
-    except (HfHubHTTPError, *_transport_errors()) as exc:
-        raise ModelSourceError(
-            f"source {source!r}: the hub failed while resolving {repo_id}@{revision}: {exc}",
-            param="source",
-            code="hub_unreachable",
-        ) from exc
     local_dir = Path(folder)
-    # snapshot_download returns <cache>/models--org--name/snapshots/<commit sha>: the folder name is the pin.
-    sha = local_dir.name
-    _require_config(source, local_dir)
+    _require_config(parsed.source, local_dir)
     return ResolvedSource(
-        source=source,
+        source=parsed.source,
         kind="hub",
         local_dir=local_dir,
-        revision=sha,
-        repo_id=repo_id,
-        requested_revision=revision,
+        # snapshot_download returns <cache>/models--org--name/snapshots/<commit sha>: the name is the pin.
+        revision=local_dir.name,
+        repo_id=parsed.repo_id,
+        requested_revision=parsed.hub_revision,
+    )
+
+
+def _hub_head(parsed: ParsedSource, cache: Path) -> str:
+    """The commit sha the hub has for `parsed`'s revision now."""
+    from huggingface_hub import HfApi
+
+    with _hub_errors(parsed, cache):
+        sha = HfApi().repo_info(parsed.repo_id, revision=parsed.hub_revision).sha
+    if not sha:
+        raise ModelSourceError(
+            f"source {parsed.source!r}: the hub returned no commit sha", code="hub_unreachable"
+        )
+    return str(sha)
+
+
+def _cached_commit(parsed: ParsedSource, cache: Path) -> str | None:
+    """The commit the cache holds for `parsed`'s revision (a branch or tag read from its refs), or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    assert parsed.repo_id is not None
+    config = try_to_load_from_cache(
+        parsed.repo_id, "config.json", cache_dir=cache, revision=parsed.hub_revision
+    )
+    # A cached file lies in <cache>/models--org--name/snapshots/<commit sha>/.
+    return Path(config).parent.name if isinstance(config, str) else None
+
+
+def _snapshot_commit(folder: Path) -> tuple[str, str] | None:
+    """(repo id, sha) when `folder` is a snapshot folder of a hub cache, as huggingface_hub's scan sees it."""
+    folder = folder.expanduser().absolute()
+    # Only a folder named like <cache>/models--org--name/snapshots/<sha> is worth scanning its cache for.
+    if folder.parent.name != "snapshots" or len(folder.parents) < 3 or not folder.is_dir():
+        return None
+    from huggingface_hub import CacheNotFound, scan_cache_dir
+
+    try:
+        cache = scan_cache_dir(folder.parents[2])
+    except (CacheNotFound, ValueError, OSError):
+        return None
+    return next(
+        (
+            (repo.repo_id, revision.commit_hash)
+            for repo in cache.repos
+            if repo.repo_type == "model"
+            for revision in repo.revisions
+            if revision.snapshot_path.samefile(folder)
+        ),
+        None,
     )
 
 
@@ -259,41 +354,22 @@ def cached_hub_commit(
 ) -> tuple[str, str] | None:
     """(repo id, commit sha) of a hub model from the local cache only; None when it is not a cached hub model.
 
-    `name_or_path` is what a loaded model reports as `name_or_path`: a repo id (the sha is read from
-    `refs/<revision>` in the cache, transformers 5 keeps no `_commit_hash` on the config) or a snapshot
-    folder `.../models--org--name/snapshots/<sha>`. Never contacts the hub.
+    `name_or_path` is what a loaded model reports as `name_or_path`: a repo id (its revision, default
+    "main", is looked up in the cache: transformers 5 keeps no `_commit_hash` on the config) or a
+    snapshot folder `.../models--org--name/snapshots/<sha>`. Never contacts the hub.
     """
-    text = os.fspath(name_or_path)
-    snapshot = _snapshot_reference(Path(text))
-    if snapshot is not None:
-        return snapshot
-    if Path(text).exists():
-        return None
-    repo_id, _, pinned = text.partition("@")
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
     try:
-        validate_repo_id(repo_id)
-    except HFValidationError:
+        parsed = parse_source(os.fspath(name_or_path), revision)
+    except ModelSourceError:
         return None
-    wanted = pinned or revision or DEFAULT_REVISION
-    cache = hub_cache_dir(cache_dir)
-    sha = wanted if _COMMIT_SHA.match(wanted) else _cached_ref(cache, repo_id, wanted)
-    if sha is None or not (_repo_storage(cache, repo_id) / "snapshots" / sha).is_dir():
+    if parsed.kind == "local":
+        assert parsed.path is not None
+        return _snapshot_commit(parsed.path)
+    if parsed.kind != "hub":
         return None
-    return repo_id, sha
-
-
-def _snapshot_reference(folder: Path) -> tuple[str, str] | None:
-    """(repo id, sha) when `folder` is a snapshot folder of a hub cache."""
-    folder = folder.expanduser().absolute()
-    if not _COMMIT_SHA.match(folder.name) or folder.parent.name != "snapshots":
-        return None
-    match = _SNAPSHOT.match(folder.parent.parent.name)
-    if match is None:
-        return None
-    return match["repo"].replace("--", "/", 1), folder.name
+    assert parsed.repo_id is not None
+    sha = _cached_commit(parsed, hub_cache_dir(cache_dir))
+    return (parsed.repo_id, sha) if sha is not None else None
 
 
 # --- local folders and files ---------------------------------------------------------------------------
@@ -324,57 +400,41 @@ def local_fingerprint(folder: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """sha256 hex of a file's content, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _check_pin(source: str, parsed: _Parsed, actual: str) -> None:
+def _check_pin(parsed: ParsedSource, actual: str) -> None:
     if parsed.revision is not None and parsed.revision != actual:
         raise ModelSourceError(
-            f"source {source!r} has revision {actual} now, not the pinned {parsed.revision}: "
+            f"source {parsed.source!r} has revision {actual} now, not the pinned {parsed.revision}: "
             "its content changed since the pin was taken",
             param="revision",
             code="revision_mismatch",
         )
 
 
-def _resolve_local(source: str, parsed: _Parsed) -> ResolvedSource:
+def _resolve_local(parsed: ParsedSource) -> ResolvedSource:
     assert parsed.path is not None
     folder = parsed.path
-    _require_config(source, folder)
-    snapshot = _snapshot_reference(folder)
+    _require_config(parsed.source, folder)
+    snapshot = _snapshot_commit(folder)
     if snapshot is not None:
         repo_id, sha = snapshot
-        _check_pin(source, parsed, sha)
+        _check_pin(parsed, sha)
         return ResolvedSource(
-            source=source, kind="hub", local_dir=folder, revision=sha, repo_id=repo_id, requested_revision=sha
+            source=parsed.source, kind="hub", local_dir=folder, revision=sha, repo_id=repo_id
         )
     fingerprint = local_fingerprint(folder)
-    _check_pin(source, parsed, fingerprint)
-    return ResolvedSource(source=source, kind="local", local_dir=folder, revision=fingerprint)
+    _check_pin(parsed, fingerprint)
+    return ResolvedSource(source=parsed.source, kind="local", local_dir=folder, revision=fingerprint)
 
 
-def default_gguf_out_dir(gguf_path: str | os.PathLike[str], sha256: str) -> Path:
-    """Where a GGUF file is converted when no folder is given: <data dir>/gguf/<stem>-<sha256[:12]>."""
-    from llmadapter.settings import get_settings
-
-    return get_settings().data_dir / "gguf" / f"{Path(gguf_path).stem}-{sha256[:12]}"
-
-
-def _resolve_gguf(
-    source: str, parsed: _Parsed, gguf_out_dir: str | os.PathLike[str] | None
-) -> ResolvedSource:
+def _resolve_gguf(parsed: ParsedSource, gguf_out_dir: str | os.PathLike[str] | None) -> ResolvedSource:
     assert parsed.path is not None
     sha = file_sha256(parsed.path)
-    _check_pin(source, parsed, sha)
+    _check_pin(parsed, sha)
     out_dir = Path(gguf_out_dir) if gguf_out_dir is not None else default_gguf_out_dir(parsed.path, sha)
-    folder = _gguf_to_folder(parsed.path, out_dir, sha)
-    return ResolvedSource(source=source, kind="gguf", local_dir=folder, revision=sha, gguf_file=parsed.path)
+    folder = convert_gguf(parsed.path, out_dir, sha)
+    return ResolvedSource(
+        source=parsed.source, kind="gguf", local_dir=folder, revision=sha, gguf_file=parsed.path
+    )
 
 
 # --- public entry points -------------------------------------------------------------------------------
@@ -396,12 +456,12 @@ def resolve_source(
     gguf_out_dir: where a GGUF file is converted to a Transformers folder (default: under the data dir);
         a finished conversion of the same file is reused.
     """
-    parsed = _parse(source, revision)
+    parsed = parse_source(source, revision)
     if parsed.kind == "hub":
-        return _resolve_hub(source, parsed, cache_dir)
+        return _resolve_hub(parsed, cache_dir)
     if parsed.kind == "gguf":
-        return _resolve_gguf(source, parsed, gguf_out_dir)
-    return _resolve_local(source, parsed)
+        return _resolve_gguf(parsed, gguf_out_dir)
+    return _resolve_local(parsed)
 
 
 def latest_revision(
@@ -412,179 +472,21 @@ def latest_revision(
 ) -> str | None:
     """The revision `source` points at now, for a scheduled refresh to compare with the logged one.
 
-    Hub: the commit sha of the requested branch or tag (default "main") on the hub; offline, the sha in
-    the cache's refs, or None when the cache has no such ref (nothing can be known). A pinned commit sha
-    is returned as is. Local folder: its fingerprint; GGUF file: its sha256. Downloads nothing.
+    Hub: the commit sha of the requested branch or tag (default "main") on the hub; offline, the commit
+    the cache holds for it, or None when it holds none (nothing can be known). A pinned commit sha is
+    returned as is. Local folder: its fingerprint; GGUF file: its sha256. Downloads nothing.
     """
-    parsed = _parse(source, revision)
+    parsed = parse_source(source, revision)
     if parsed.kind == "local":
         assert parsed.path is not None
-        snapshot = _snapshot_reference(parsed.path)
+        snapshot = _snapshot_commit(parsed.path)
         return snapshot[1] if snapshot is not None else local_fingerprint(parsed.path)
     if parsed.kind == "gguf":
         assert parsed.path is not None
         return file_sha256(parsed.path)
-    assert parsed.repo_id is not None
-    wanted = parsed.revision or DEFAULT_REVISION
-    if _COMMIT_SHA.match(wanted):
-        return wanted
+    if not parsed.follows_branch:
+        return parsed.hub_revision
+    cache = hub_cache_dir(cache_dir)
     if hub_offline():
-        return _cached_ref(hub_cache_dir(cache_dir), parsed.repo_id, wanted)
-    return _hub_head(source, parsed.repo_id, wanted, parsed.param)
-
-
-def _transport_errors() -> tuple[type[BaseException], ...]:
-    """Connection-level errors of whichever HTTP client this huggingface_hub version uses."""
-    import importlib
-
-    errors: list[type[BaseException]] = [OSError]
-    for module, name in (("httpx2", "HTTPError"), ("httpx", "HTTPError"), ("requests", "RequestException")):
-        try:
-            errors.append(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError):
-            continue
-    return tuple(errors)
-
-
-def _hub_head(source: str, repo_id: str, revision: str, param: str) -> str:
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
-
-    try:
-        sha = HfApi().repo_info(repo_id, revision=revision).sha
-    except RevisionNotFoundError as exc:
-        raise ModelSourceError(
-            f"source {source!r}: the hub has no revision {revision!r} in {repo_id}",
-            param=param,
-            code="revision_not_found",
-        ) from exc
-    except RepositoryNotFoundError as exc:
-        raise ModelSourceError(
-            f"source {source!r}: no model repository {repo_id} on the hub (or it is private: set HF_TOKEN)",
-            param="source",
-            code="repo_not_found",
-        ) from exc
-    except (HfHubHTTPError, *_transport_errors()) as exc:
-        # The code lets a retrying caller (a Prefect task) tell a transient failure from a user error.
-        raise ModelSourceError(
-            f"source {source!r}: could not ask the hub for {repo_id}@{revision}: {exc}",
-            param="source",
-            code="hub_unreachable",
-        ) from exc
-    if not sha:
-        raise ModelSourceError(f"source {source!r}: the hub returned no commit sha", code="hub_unreachable")
-    return str(sha)
-
-
-# --- GGUF ----------------------------------------------------------------------------------------------
-
-
-def load_gguf(path: str | os.PathLike[str]) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal-LM GGUF file with transformers: (model, tokenizer), weights dequantized to float32.
-
-    The model is rebuilt from its config without the GGUF quantization marker, so unlike what
-    `from_pretrained(..., gguf_file=...)` returns it can be `save_pretrained` (and logged). The tokenizer
-    keeps the GGUF's chat template; its `model_max_length` is the model's context window when the GGUF
-    gives none.
-    """
-    gguf = Path(path).expanduser().absolute()
-    if not gguf.is_file():
-        raise ModelSourceError(f"GGUF file {gguf} does not exist", param="source")
-    try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    except (ImportError, ValueError, KeyError, RuntimeError) as exc:
-        # transformers raises these for an architecture its GGUF loader does not know, a file that is not
-        # GGUF, or a missing `gguf` package.
-        raise ModelSourceError(
-            f"could not load GGUF file {gguf} with transformers: {exc}", param="source"
-        ) from exc
-    plain = _without_quantization_marker(model)
-    del model
-    limit = getattr(plain.config, "max_position_embeddings", None)
-    if isinstance(limit, int) and (tokenizer.model_max_length is None or tokenizer.model_max_length > 10**12):
-        tokenizer.model_max_length = limit
-    # from_pretrained's loading options land in init_kwargs and would be written to tokenizer_config.json.
-    for key in ("is_local", "local_files_only"):
-        tokenizer.init_kwargs.pop(key, None)
-    return plain, tokenizer
-
-
-def _without_quantization_marker(model: Any) -> Any:
-    """The same weights in a model built from the config minus `quantization_config`.
-
-    transformers marks a GGUF-loaded model as quantized (method "gguf") although its weights are plain
-    float32, and `save_pretrained` refuses quantized models it cannot serialize.
-    """
-    from transformers import AutoModelForCausalLM
-
-    config = copy.deepcopy(model.config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
-    plain.load_state_dict(model.state_dict(), strict=True)
-    plain.generation_config = copy.deepcopy(model.generation_config)
-    plain.eval()
-    return plain
-
-
-def _finished_build(out_dir: Path, sha256: str) -> bool:
-    marker = out_dir / GGUF_MARKER
-    if not marker.is_file() or not (out_dir / "config.json").is_file():
-        return False
-    try:
-        return bool(json.loads(marker.read_text()).get("gguf_sha256") == sha256)
-    except (OSError, ValueError):
-        return False
-
-
-def gguf_to_folder(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
-    """Convert a GGUF file to a Transformers folder (float32 safetensors + tokenizer); returns `out_dir`.
-
-    A folder that already holds a finished conversion of a file with the same sha256 is reused. A
-    conversion of another file is replaced; any other non-empty folder is refused, never deleted.
-    """
-    gguf = Path(gguf_path).expanduser().absolute()
-    if not gguf.is_file():
-        raise ModelSourceError(f"GGUF file {gguf} does not exist", param="gguf_path")
-    return _gguf_to_folder(gguf, Path(out_dir).expanduser().absolute(), file_sha256(gguf))
-
-
-def _gguf_to_folder(gguf: Path, out_dir: Path, sha256: str) -> Path:
-    if _finished_build(out_dir, sha256):
-        return out_dir
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / GGUF_MARKER).exists():
-        raise ModelSourceError(
-            f"gguf_out_dir {out_dir} is not empty and holds no GGUF conversion; refusing to overwrite it",
-            param="gguf_out_dir",
-        )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target and rename, so a crash never leaves a half-written folder that looks finished
-    # and two processes converting the same file do not write into each other's files.
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        import transformers
-
-        model, tokenizer = load_gguf(gguf)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        del model
-        marker = {"gguf_file": gguf.name, "gguf_sha256": sha256, "transformers": transformers.__version__}
-        (tmp / GGUF_MARKER).write_text(json.dumps(marker, indent=1))
-        if _finished_build(out_dir, sha256):  # another process finished first
-            return out_dir
-        if out_dir.exists():
-            shutil.rmtree(out_dir)  # a conversion of another file (marker checked above) or an empty dir
-        tmp.rename(out_dir)
-    except OSError:
-        if _finished_build(out_dir, sha256):
-            return out_dir
-        raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+        return _cached_commit(parsed, cache)
+    return _hub_head(parsed, cache)

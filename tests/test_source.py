@@ -6,6 +6,7 @@ import importlib.util
 import json
 import shutil
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,21 +15,95 @@ from llmadapter.demo_models import SMOLLM2_GGUF_SHA256
 from llmadapter.errors import ModelSourceError
 from llmadapter.source import (
     GGUF_MARKER,
+    ResolvedSource,
     cached_hub_commit,
     file_sha256,
     gguf_to_folder,
     latest_revision,
+    parse_source,
     resolve_source,
 )
 from llmadapter.testing import HubCache
 
 REPO = "acme/tiny-gpt2"
+SHA = "0123456789abcdef0123456789abcdef01234567"
 
 
 def _changed_config(hub_cache: HubCache) -> str:
     config = json.loads((hub_cache.snapshot / "config.json").read_text())
     config["layer_norm_epsilon"] = 1e-3
     return json.dumps(config, indent=2)
+
+
+# --- parsing: the spelling and the file system, nothing downloaded ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("source", "revision", "repo_id", "asked", "follows_branch", "name"),
+    [
+        (
+            "org/SmolLM2-135M-Instruct",
+            None,
+            "org/SmolLM2-135M-Instruct",
+            None,
+            True,
+            "smollm2-135m-instruct-chat",
+        ),
+        ("org/name@v1.0", None, "org/name", "v1.0", True, "name-chat"),
+        ("org/name", "dev", "org/name", "dev", True, "name-chat"),
+        (f"org/name@{SHA}", None, "org/name", SHA, False, "name-chat"),
+        ("gpt2", SHA, "gpt2", SHA, False, "gpt2-chat"),
+    ],
+    ids=["default-branch", "pinned-tag", "revision-argument", "pinned-sha", "sha-argument"],
+)
+def test_a_hub_id_is_parsed_without_the_hub(
+    source: str, revision: str | None, repo_id: str, asked: str | None, follows_branch: bool, name: str
+) -> None:
+    parsed = parse_source(source, revision)
+
+    assert (parsed.kind, parsed.repo_id, parsed.revision, parsed.path) == ("hub", repo_id, asked, None)
+    assert parsed.follows_branch is follows_branch
+    assert parsed.default_model_name("llm/v1/chat") == name
+
+
+def test_folders_and_gguf_files_are_told_apart_by_what_exists(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "My_Model.v2"
+    folder.mkdir()
+    gguf = tmp_path / "SmolLM2-135M-Instruct.Q4_1.GGUF"
+    gguf.write_bytes(b"GGUF")
+
+    by_folder, by_file = parse_source(f"{folder}/"), parse_source(str(gguf))
+    assert (by_folder.kind, by_folder.path, by_folder.follows_branch) == ("local", folder, False)
+    assert by_folder.default_model_name("llm/v1/embeddings") == "my-model-v2-embeddings"
+    assert (by_file.kind, by_file.path, by_file.follows_branch) == ("gguf", gguf, False)
+    assert by_file.default_model_name("llm/v1/completions") == "smollm2-135m-instruct-q4-1-completions"
+    # An existing folder wins over the hub id of the same spelling, as in from_pretrained.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org" / "name").mkdir(parents=True)
+    assert (parse_source("org/name").kind, parse_source("org/name").path) == (
+        "local",
+        tmp_path / "org" / "name",
+    )
+
+
+def test_the_pinned_spelling_names_what_was_resolved(
+    hub_cache: HubCache, tiny_gpt2: Path, tmp_path: Path
+) -> None:
+    assert resolve_source(REPO).pinned() == f"{REPO}@{hub_cache.sha}"
+    assert resolve_source(f"{REPO}@main").pinned() == f"{REPO}@{hub_cache.sha}"
+    # A snapshot folder given as a path stays a path: it may lie in a cache other than the default one.
+    assert resolve_source(str(hub_cache.snapshot)).pinned() == str(hub_cache.snapshot)
+    assert resolve_source(str(tiny_gpt2)).pinned() == str(tiny_gpt2.absolute())
+    gguf = ResolvedSource(
+        source="x.gguf",
+        kind="gguf",
+        local_dir=tmp_path / "out",
+        revision="0" * 64,
+        gguf_file=tmp_path / "x.gguf",
+    )
+    assert gguf.pinned() == str(tmp_path / "x.gguf")
 
 
 # --- hub ids, offline ----------------------------------------------------------------------------------
@@ -158,6 +233,60 @@ def test_with_the_hub_unreachable_the_upstream_revision_is_a_transient_error(
     assert REPO in caught.value.message
 
 
+def _http_error(kind: str, status: int) -> Callable[[], BaseException]:
+    """A huggingface_hub HTTP error as the hub client raises it, with the hub's response."""
+
+    def make() -> BaseException:
+        import httpx2
+        from huggingface_hub import errors
+
+        request = httpx2.Request("GET", "https://hub.invalid/api/models/acme/x")
+        return getattr(errors, kind)("the hub said no", response=httpx2.Response(status, request=request))
+
+    return make
+
+
+def _not_cached() -> BaseException:
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    return LocalEntryNotFoundError("no complete snapshot in the cache")
+
+
+@pytest.mark.parametrize("call", [resolve_source, latest_revision], ids=["resolve", "latest"])
+@pytest.mark.parametrize(
+    ("failure", "code", "param"),
+    [
+        (_http_error("RevisionNotFoundError", 404), "revision_not_found", "revision"),
+        (_http_error("GatedRepoError", 401), "gated_repo", "source"),
+        (_http_error("RepositoryNotFoundError", 401), "repo_not_found", "source"),
+        (_http_error("HfHubHTTPError", 503), "hub_unreachable", "source"),
+        (lambda: ConnectionError("connection refused"), "hub_unreachable", "source"),
+        (_not_cached, "hub_unreachable", "source"),
+    ],
+    ids=["revision", "gated", "no-repo", "http-503", "connection", "not-cached"],
+)
+def test_every_hub_call_maps_a_hub_failure_to_the_same_error(
+    call: Callable[..., object],
+    failure: Callable[[], BaseException],
+    code: str,
+    param: str,
+    hub_down: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import huggingface_hub
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise failure()
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", fail)
+
+    with pytest.raises(ModelSourceError) as caught:
+        call("acme/x", revision="v1")
+    assert (caught.value.code, caught.value.param) == (code, param)
+    assert "acme/x" in caught.value.message
+
+
 def test_cache_dir_argument_beats_the_default_cache(
     hub_cache: HubCache, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -185,6 +314,17 @@ def test_a_snapshot_folder_is_reported_as_its_hub_commit(hub_cache: HubCache, ti
     assert cached_hub_commit(hub_cache.snapshot) == (REPO, hub_cache.sha)
     assert cached_hub_commit("acme/not-downloaded") is None
     assert cached_hub_commit(tiny_gpt2) is None
+
+
+def test_a_folder_named_like_a_snapshot_outside_a_hub_cache_is_a_local_folder(
+    tiny_gpt2: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "not-a-cache" / "snapshots" / SHA
+    shutil.copytree(tiny_gpt2, folder)
+
+    src = resolve_source(str(folder))
+    assert (src.kind, src.repo_id, src.pinned()) == ("local", None, str(folder))
+    assert cached_hub_commit(folder) is None
 
 
 # --- local folders -------------------------------------------------------------------------------------
