@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -201,7 +202,9 @@ def _blob_id(data: bytes, lfs: bool) -> str:
 
 
 def _repo_storage(cache_dir: Path, repo_id: str) -> Path:
-    return Path(cache_dir) / ("models--" + repo_id.replace("/", "--"))
+    from huggingface_hub.file_download import repo_folder_name
+
+    return Path(cache_dir) / repo_folder_name(repo_id=repo_id, repo_type="model")
 
 
 def _write_commit(storage: Path, files: dict[str, bytes], sha: str | None, revision_name: str) -> str:
@@ -290,9 +293,6 @@ def add_hub_commit(
     for rel, content in changes.items():
         files[rel] = content.encode() if isinstance(content, str) else content
     return _write_commit(storage, files, sha, revision_name)
-
-
-from dataclasses import dataclass  # noqa: E402  (this section is appended to the module)
 
 
 @dataclass(frozen=True)
