@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from llmadapter.catalog import CHAT, COMPLETIONS, EMBEDDINGS
+from llmadapter.catalog import get_task
 from llmadapter.config import EmbeddingsConfig, ModelConfig, parse_model_config
+from llmadapter.errors import ModelSourceError
+from llmadapter.source import parse_source
 from tasks.validate import ValidationOptions
 
 LLMTask = Literal["llm/v1/chat", "llm/v1/completions", "llm/v1/embeddings"]
 # Either config shape; the flow re-validates it for the chosen task (unknown keys are refused).
 ModelDefaults = ModelConfig | EmbeddingsConfig
-
-_TASK_SUFFIX = {CHAT: "chat", COMPLETIONS: "completions", EMBEDDINGS: "embeddings"}
 
 
 def config_dict(task: str, config: ModelDefaults | dict[str, Any] | None) -> dict[str, Any]:
@@ -27,11 +25,15 @@ def config_dict(task: str, config: ModelDefaults | dict[str, Any] | None) -> dic
 
 
 def default_model_name(source: str, task: str) -> str:
-    """A registry name from source and task: 'org/SmolLM2-135M-Instruct' -> 'smollm2-135m-instruct-chat'."""
-    base = source.split("@")[0].rstrip("/")
-    stem = Path(base).stem if base.lower().endswith(".gguf") else base.split("/")[-1]
-    slug = re.sub(r"[^a-z0-9]+", "-", stem.lower()).strip("-") or "model"
-    return f"{slug}-{_TASK_SUFFIX.get(task, 'model')}"
+    """A registry name from source and task: 'org/SmolLM2-135M-Instruct' -> 'smollm2-135m-instruct-chat'.
+
+    A source that does not parse gets 'model-<task suffix>': the name then only labels the failure that
+    the download step reports for it.
+    """
+    try:
+        return parse_source(source).default_model_name(task)
+    except ModelSourceError:
+        return f"model-{get_task(task).name_suffix}"
 
 
 class ModelSpec(BaseModel):

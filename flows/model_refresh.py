@@ -11,6 +11,7 @@ from flows.log_and_validate import log_and_validate
 from llmadapter.errors import LLMAdapterError
 from llmadapter.registry import config_hash
 from llmadapter.settings import configure_mlflow
+from llmadapter.source import parse_source
 from tasks.download import check_latest_revision
 from tasks.register import find_registered_version
 
@@ -100,7 +101,6 @@ def _refresh_one(spec: ModelSpec) -> RefreshOutcome:
 
 
 def _is_hub_branch(spec: ModelSpec) -> bool:
-    """A hub source that follows a branch or tag (not a local path, not pinned with '@')."""
-    from pathlib import Path
-
-    return "@" not in spec.source and not Path(spec.source).expanduser().exists()
+    """A hub source that follows a branch or tag and pins none itself, so `revision` may pin it."""
+    parsed = parse_source(spec.source)
+    return parsed.follows_branch and parsed.revision is None

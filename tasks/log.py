@@ -36,21 +36,6 @@ class LoggedModel(BaseModel):
     save_pretrained: bool
 
 
-def pinned_source(resolved: ResolvedSource) -> str:
-    """The source spelled so that it cannot move: a hub id at its commit sha, else the local path."""
-    # A hub id given by name is re-resolved from the default cache at its sha; a snapshot folder given as
-    # a path (possibly in another cache) stays a path.
-    if (
-        resolved.kind == "hub"
-        and resolved.repo_id is not None
-        and resolved.source.split("@")[0] == resolved.repo_id
-    ):
-        return f"{resolved.repo_id}@{resolved.revision}"
-    if resolved.kind == "gguf" and resolved.gguf_file is not None:
-        return str(resolved.gguf_file)
-    return str(resolved.local_dir)
-
-
 def code_version(package_dir: Path | None = None) -> dict[str, str]:
     """What the logged artifact depends on besides its inputs: llmadapter's version and source, and
     the mlflow and transformers versions. A fixed engine bug changes the source digest, so the same
@@ -75,7 +60,7 @@ def _log_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str |
     resolved: ResolvedSource = parameters["resolved"]
     settings = get_settings()
     parts = {
-        "source": pinned_source(resolved),
+        "source": resolved.pinned(),
         "revision": resolved.revision,
         "task": parameters["task"],
         "config_hash": parameters["config_hash"],
@@ -114,7 +99,7 @@ def log_model(
     import mlflow
 
     configure_mlflow()
-    source = pinned_source(resolved)
+    source = resolved.pinned()
     tags = {
         "source": resolved.source,
         "revision": resolved.revision,

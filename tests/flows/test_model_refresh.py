@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import pytest
 from prefect.server.schemas.schedules import CronSchedule
 
 from flows._params import ModelSpec
-from flows.model_refresh import model_refresh
+from flows.model_refresh import _is_hub_branch, model_refresh
 from llmadapter import registry
 from llmadapter.testing import HubCache
 from tasks.validate import ValidationOptions
@@ -46,6 +47,27 @@ def test_refresh_reports_a_source_it_cannot_see_offline(store: str, hub_cache: H
 
     assert [o.outcome for o in outcomes] == ["unknown upstream"]
     assert registry.list_versions("ghost") == []
+
+
+@pytest.mark.parametrize(
+    ("source", "revision", "pinned_by_refresh"),
+    [
+        ("acme/tiny-gpt2", None, True),
+        ("acme/tiny-gpt2", "v1.0", True),
+        ("acme/tiny-gpt2@main", None, False),
+        ("acme/tiny-gpt2@0123456789abcdef0123456789abcdef01234567", None, False),
+    ],
+    ids=["default-branch", "revision-branch", "pinned-in-source", "pinned-sha"],
+)
+def test_only_a_hub_source_that_pins_nothing_itself_is_pinned_by_the_refresh(
+    source: str, revision: str | None, pinned_by_refresh: bool
+) -> None:
+    """The subflow gets the seen sha as `revision`, which a source pinned with '@' would refuse."""
+    assert _is_hub_branch(ModelSpec(source=source, revision=revision)) is pinned_by_refresh
+
+
+def test_a_local_folder_is_not_pinned_by_the_refresh(tiny_gpt2: Path) -> None:
+    assert _is_hub_branch(ModelSpec(source=str(tiny_gpt2))) is False
 
 
 def test_one_bad_model_does_not_stop_the_others_and_fails_the_run(store: str, hub_cache: HubCache) -> None:
