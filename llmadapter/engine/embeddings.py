@@ -24,7 +24,7 @@ from pydantic import BaseModel
 
 from llmadapter.catalog import EMBEDDINGS, get_task
 from llmadapter.config import EmbeddingsConfig
-from llmadapter.engine.base import Engine, EngineStats
+from llmadapter.engine.base import Engine, EngineStats, WorkerThread
 from llmadapter.engine.embedding_inputs import check_inputs, count_inputs
 from llmadapter.engine.pooling import (
     PoolingSpec,
@@ -129,7 +129,7 @@ class EmbeddingEngine(Engine):
         self._forward_lock = threading.Lock()
         self._jobs: deque[_Job] = deque()
         self._jobs_ready = threading.Condition()
-        self._worker: threading.Thread | None = None
+        self._worker = WorkerThread(self._serve, "embeddings-batcher")
         self._closed = False
 
     @classmethod
@@ -323,9 +323,7 @@ class EmbeddingEngine(Engine):
                 raise LLMAdapterError("The embeddings engine is closed.")
             self._jobs.append(job)
             self.stats.queue_depth = len(self._jobs)
-            if self._worker is None:
-                self._worker = threading.Thread(target=self._serve, name="embeddings-batcher", daemon=True)
-                self._worker.start()
+            self._worker.start_once()
             self._jobs_ready.notify()
         return await asyncio.wrap_future(job.future)
 
@@ -378,8 +376,7 @@ class EmbeddingEngine(Engine):
         for job in pending:
             if job.future.set_running_or_notify_cancel():
                 job.future.set_exception(LLMAdapterError("The embeddings engine was closed."))
-        if self._worker is not None:
-            self._worker.join(timeout=30)
+        self._worker.join()
 
 
 # ---------------------------------------------------------------------------------------------

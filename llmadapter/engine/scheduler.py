@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from llmadapter.config import GenerationParams
-from llmadapter.engine.base import EngineStats
+from llmadapter.engine.base import EngineStats, WorkerThread
 from llmadapter.engine.sampling import RowSampler, choose_tokens
 from llmadapter.engine.stops import IncrementalDecoder, StopMatcher
 from llmadapter.errors import GenerationError, LLMAdapterError, OverloadedError
@@ -129,7 +129,7 @@ class Scheduler:
         self._waiting: deque[Sequence] = deque()
         self._batch = _Batch()
         self._cv = threading.Condition()
-        self._thread: threading.Thread | None = None
+        self._worker = WorkerThread(self._loop, "llmadapter-scheduler")
         self._closed = False
 
     # -- public -------------------------------------------------------------------------------
@@ -145,9 +145,7 @@ class Scheduler:
                 )
             self._waiting.extend(seqs)
             self.stats.queue_depth = len(self._waiting)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="llmadapter-scheduler", daemon=True)
-                self._thread.start()
+            self._worker.start_once()
             self._cv.notify()
 
     def cancel(self, seqs: list[Sequence]) -> None:
@@ -160,8 +158,7 @@ class Scheduler:
         with self._cv:
             self._closed = True
             self._cv.notify()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+        self._worker.join()
 
     # -- loop ---------------------------------------------------------------------------------
 
