@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 class TokenInfo:
     """One generated token with its log probability and the text offset where it starts."""
 
-    token_id: int
     text: str
     logprob: float
     top: list[tuple[str, float]]
@@ -296,7 +295,7 @@ class Scheduler:
                 if seq.params.top_logprobs:
                     values, idx = torch.topk(row, seq.params.top_logprobs)
                     top = [(self._piece(int(t)), float(v)) for v, t in zip(values, idx, strict=True)]
-                info = TokenInfo(tok, self._piece(tok), float(row[tok]), top, len(seq.matcher.text))
+                info = TokenInfo(self._piece(tok), float(row[tok]), top, len(seq.matcher.text))
             self._record(seq, tok, info)
 
     def _piece(self, token_id: int) -> str:
