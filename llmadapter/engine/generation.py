@@ -178,8 +178,7 @@ class GenerationEngine(Engine):
         sink = ThreadSink(every_event=False)
         # One submission: the whole predict call starts as one batch (up to max_batch_size).
         with self._generating([seq for job in jobs for seq in self._sequences(job, sink)], sink):
-            for _ in sink.events():
-                pass
+            sink.wait()
         return [self._answer(job) for job in jobs]
 
     def stream(self, request: BaseModel, *, include_usage: bool | None = None) -> Iterator[BaseModel]:
@@ -197,8 +196,7 @@ class GenerationEngine(Engine):
         job = self._prepare(request)
         sink = LoopSink(asyncio.get_running_loop(), every_event=False)
         with self._generating(self._sequences(job, sink), sink):
-            async for _ in sink.events():
-                pass
+            await sink.wait()
         return self._answer(job)
 
     async def astream(self, request: BaseModel) -> AsyncIterator[BaseModel]:  # type: ignore[override]

@@ -63,6 +63,11 @@ class ThreadSink(Sink):
             self.unfinished -= event.finished
             yield event
 
+    def wait(self) -> None:
+        """Until every sequence has finished."""
+        for _ in self.events():
+            pass
+
 
 class LoopSink(Sink):
     """Events for a caller awaiting on an event loop (handed over thread-safely)."""
@@ -80,3 +85,8 @@ class LoopSink(Sink):
             event = await self._queue.get()
             self.unfinished -= event.finished
             yield event
+
+    async def wait(self) -> None:
+        """Until every sequence has finished."""
+        async for _ in self.events():
+            pass
