@@ -1,4 +1,6 @@
-"""The one exception tree of llmadapter; every error maps to an HTTP status and an OpenAI error JSON.
+"""The one exception tree of llmadapter; each error carries its HTTP status and OpenAI error fields.
+
+llmadapter.server.errors.to_error_answer is the one place that turns an error into OpenAI's error JSON.
 
 LLMAdapterError                    500  server_error
 ├── InvalidRequestError            400  invalid_request_error   (bad parameter value; names `param`)
@@ -15,7 +17,7 @@ LLMAdapterError                    500  server_error
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
     from pydantic import ValidationError
@@ -30,17 +32,6 @@ class LLMAdapterError(Exception):
         self.message = message
         self.param = param
         self.code = code
-
-    def to_openai(self) -> dict[str, Any]:
-        """The OpenAI error body: {"error": {"message", "type", "param", "code"}}."""
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.error_type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
 
 
 class InvalidRequestError(LLMAdapterError):

@@ -1,17 +1,17 @@
 """Environment settings (prefix LLMADAPTER_): the data dir and the MLflow tracking/registry URIs.
 
 Precedence for each MLflow URI: LLMADAPTER_TRACKING_URI / LLMADAPTER_REGISTRY_URI, then MLflow's own
-MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI, then a SQLite store in the data dir. The registry URI
-follows the tracking URI when neither registry variable is set, as MLflow itself does.
+MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI (the fields' AliasChoices, in that order), then a SQLite store
+in the data dir. The registry URI follows the tracking URI when neither registry variable is set, as
+MLflow itself does. An empty variable counts as unset.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_EXPERIMENT = "llmadapter"
@@ -20,17 +20,25 @@ DEFAULT_EXPERIMENT = "llmadapter"
 class LLMAdapterSettings(BaseSettings):
     """Where llmadapter keeps its state and which MLflow stores it talks to."""
 
-    model_config = SettingsConfigDict(env_prefix="LLMADAPTER_", extra="ignore", frozen=True)
+    # An empty variable must not hide the next alias (LLMADAPTER_TRACKING_URI="" with MLFLOW_TRACKING_URI
+    # set); the aliases name environment variables, and code may still pass tracking_uri=... by name.
+    model_config = SettingsConfigDict(
+        env_prefix="LLMADAPTER_", env_ignore_empty=True, extra="ignore", frozen=True, populate_by_name=True
+    )
 
     data_dir: Path = Field(
         default_factory=lambda: Path.cwd() / ".llmadapter",
         description="Project data dir: SQLite MLflow store, artifacts, built demo models.",
     )
     tracking_uri: str | None = Field(
-        default=None, description="MLflow tracking URI; default MLFLOW_TRACKING_URI, else SQLite in data_dir."
+        default=None,
+        validation_alias=AliasChoices("LLMADAPTER_TRACKING_URI", "MLFLOW_TRACKING_URI"),
+        description="MLflow tracking URI; None: the SQLite store in data_dir.",
     )
     registry_uri: str | None = Field(
-        default=None, description="MLflow registry URI; default MLFLOW_REGISTRY_URI, else the tracking URI."
+        default=None,
+        validation_alias=AliasChoices("LLMADAPTER_REGISTRY_URI", "MLFLOW_REGISTRY_URI"),
+        description="MLflow registry URI; None: the tracking URI.",
     )
     experiment_name: Annotated[str, Field(min_length=1, description="MLflow experiment for logged runs.")] = (
         DEFAULT_EXPERIMENT
@@ -48,15 +56,10 @@ class LLMAdapterSettings(BaseSettings):
         return f"sqlite:///{(self.data_dir / 'mlflow.db').absolute()}"
 
     def resolved_tracking_uri(self) -> str:
-        return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or self.default_store_uri
+        return self.tracking_uri or self.default_store_uri
 
     def resolved_registry_uri(self) -> str:
-        return (
-            self.registry_uri
-            or os.environ.get("MLFLOW_REGISTRY_URI")
-            or self.tracking_uri
-            or self.resolved_tracking_uri()
-        )
+        return self.registry_uri or self.resolved_tracking_uri()
 
     def local_artifact_dir(self) -> Path | None:
         """Artifact root for a SQLite tracking store: `mlartifacts` next to the database file.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from llmadapter.protocol import (
     EmbeddingRequest,
     parse_request,
 )
+from llmadapter.server.errors import to_error_answer
 
 HELLO = [{"role": "user", "content": "Hello"}]
 
@@ -82,7 +84,9 @@ def test_every_user_error_names_the_parameter(cls: type, body: dict[str, Any], p
     err = error_of(cls, body)
     assert err.param == param, err.message
     assert err.status_code == 400
-    body_json = err.to_openai()["error"]
+    answer = to_error_answer(err)
+    assert answer.status_code == 400
+    body_json = json.loads(answer.json())["error"]
     assert body_json["type"] == "invalid_request_error"
     assert body_json["param"] == param
     # The message quotes the parameter's top-level name, so a user reading only the message knows it too.
@@ -112,7 +116,7 @@ def test_error_tree() -> None:
     assert issubclass(ContextLengthError, InvalidRequestError)
     assert issubclass(InvalidRequestError, LLMAdapterError)
     err = ContextLengthError("too long")
-    assert err.to_openai()["error"] == {
+    assert json.loads(to_error_answer(err).json())["error"] == {
         "message": "too long",
         "type": "invalid_request_error",
         "param": "messages",

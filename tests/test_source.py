@@ -13,6 +13,7 @@ import pytest
 
 from llmadapter.demo_models import SMOLLM2_GGUF_SHA256
 from llmadapter.errors import ModelSourceError
+from llmadapter.server.errors import to_error_answer
 from llmadapter.source import (
     GGUF_MARKER,
     ResolvedSource,
@@ -173,7 +174,7 @@ def test_a_model_not_in_the_cache_offline_is_a_clear_error(hub_cache: HubCache) 
     assert caught.value.code == "not_in_cache"
     assert "acme/not-downloaded" in caught.value.message
     assert "HF_HUB_OFFLINE" in caught.value.message
-    assert caught.value.to_openai()["error"]["param"] == "source"
+    assert json.loads(to_error_answer(caught.value).json())["error"]["param"] == "source"
     assert latest_revision("acme/not-downloaded") is None
 
 

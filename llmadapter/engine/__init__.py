@@ -1,0 +1,1 @@
+"""The engines that answer requests: generation (chat, completions) and embeddings, on torch."""

@@ -7,8 +7,9 @@ scheduler, which batches concurrent requests together.
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,24 @@ class EngineStats:
         self.batch_sizes.append(size)
         if len(self.batch_sizes) > 10_000:
             del self.batch_sizes[:5_000]
+
+
+class WorkerThread:
+    """The daemon thread behind a request queue: started by the first request, joined at close."""
+
+    def __init__(self, target: Callable[[], None], name: str) -> None:
+        self._target = target
+        self._name = name
+        self._thread: threading.Thread | None = None
+
+    def start_once(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._target, name=self._name, daemon=True)
+            self._thread.start()
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout=30)
 
 
 class Engine(ABC):

@@ -24,7 +24,8 @@ from pydantic import BaseModel
 
 from llmadapter.catalog import EMBEDDINGS, get_task
 from llmadapter.config import EmbeddingsConfig
-from llmadapter.engine.base import Engine, EngineStats
+from llmadapter.engine.base import Engine, EngineStats, WorkerThread
+from llmadapter.engine.embedding_inputs import check_inputs, count_inputs
 from llmadapter.engine.pooling import (
     PoolingSpec,
     load_pooling,
@@ -128,7 +129,7 @@ class EmbeddingEngine(Engine):
         self._forward_lock = threading.Lock()
         self._jobs: deque[_Job] = deque()
         self._jobs_ready = threading.Condition()
-        self._worker: threading.Thread | None = None
+        self._worker = WorkerThread(self._serve, "embeddings-batcher")
         self._closed = False
 
     @classmethod
@@ -174,53 +175,6 @@ class EmbeddingEngine(Engine):
             f"Expected an embeddings request, got {type(request).__name__}.", param=None
         )
 
-    def _items(self, value: Any) -> list[str | list[int]]:
-        """The request's inputs as a list of texts and token-id lists, each checked."""
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list) or not value:
-            raise InvalidRequestError(
-                "'input' must be a non-empty string, a list of strings, a list of token ids, "
-                "or a list of token-id lists.",
-                param="input",
-            )
-        if all(_is_token(v) for v in value):
-            value = [value]
-        if len(value) > self.config.max_inputs:
-            raise InvalidRequestError(
-                f"'input' has {len(value)} items; this model accepts at most {self.config.max_inputs} "
-                "per request.",
-                param="input",
-            )
-        items: list[str | list[int]] = []
-        for i, item in enumerate(value):
-            if isinstance(item, str):
-                if not item:
-                    raise InvalidRequestError(f"input[{i}] is an empty string.", param="input")
-            elif isinstance(item, list) and item and all(_is_token(t) for t in item):
-                bad = next((t for t in item if not 0 <= t < self._vocab_size), None)
-                if bad is not None:
-                    raise InvalidRequestError(
-                        f"input[{i}] holds token id {bad}, outside this model's vocabulary "
-                        f"(0..{self._vocab_size - 1}).",
-                        param="input",
-                    )
-            elif isinstance(item, list) and not item:
-                raise InvalidRequestError(f"input[{i}] is an empty list of token ids.", param="input")
-            else:
-                raise InvalidRequestError(
-                    f"input[{i}] is a {type(item).__name__}; every item must be a string, or every item "
-                    "a list of token ids.",
-                    param="input",
-                )
-            items.append(item)
-        kinds = {isinstance(item, str) for item in items}
-        if len(kinds) > 1:
-            raise InvalidRequestError(
-                "'input' mixes strings and token-id lists; send one kind per request.", param="input"
-            )
-        return items
-
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
         if self.pooling.prompt:
             texts = [self.pooling.prompt + text for text in texts]
@@ -242,7 +196,7 @@ class EmbeddingEngine(Engine):
     def _prepare(self, request: BaseModel | Mapping[str, Any]) -> _Prepared:
         """Validate one request and tokenize its inputs (no model compute)."""
         req = self._coerce(request)
-        items = self._items(req.input)
+        items = check_inputs(req.input, max_inputs=self.config.max_inputs, vocab_size=self._vocab_size)
         dimensions = req.dimensions if req.dimensions is not None else self.config.dimensions
         if dimensions is not None and dimensions > self.embedding_size:
             raise InvalidRequestError(
@@ -357,10 +311,6 @@ class EmbeddingEngine(Engine):
         finally:
             self.stats.running = 0
 
-    def embed(self, request: BaseModel | Mapping[str, Any]) -> EmbeddingResponse:
-        """Answer one request (sync)."""
-        return self._answer([self._prepare(request)])[0]
-
     # -----------------------------------------------------------------------------------------
     # Async: one worker thread merges whatever requests are waiting into one batch
     # -----------------------------------------------------------------------------------------
@@ -373,9 +323,7 @@ class EmbeddingEngine(Engine):
                 raise LLMAdapterError("The embeddings engine is closed.")
             self._jobs.append(job)
             self.stats.queue_depth = len(self._jobs)
-            if self._worker is None:
-                self._worker = threading.Thread(target=self._serve, name="embeddings-batcher", daemon=True)
-                self._worker.start()
+            self._worker.start_once()
             self._jobs_ready.notify()
         return await asyncio.wrap_future(job.future)
 
@@ -391,7 +339,7 @@ class EmbeddingEngine(Engine):
             while self._jobs and (not jobs or inputs < self.config.max_inputs):
                 job = self._jobs.popleft()
                 jobs.append(job)
-                inputs += _count_inputs(job.request.input)
+                inputs += count_inputs(job.request.input)
             self.stats.queue_depth = len(self._jobs)
             return jobs
 
@@ -428,18 +376,7 @@ class EmbeddingEngine(Engine):
         for job in pending:
             if job.future.set_running_or_notify_cancel():
                 job.future.set_exception(LLMAdapterError("The embeddings engine was closed."))
-        if self._worker is not None:
-            self._worker.join(timeout=30)
-
-
-def _is_token(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _count_inputs(value: Any) -> int:
-    if isinstance(value, list) and value and not all(_is_token(v) for v in value):
-        return len(value)
-    return 1
+        self._worker.join()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from llmadapter.errors import ConfigError
+from llmadapter.errors import ConfigError, first_error
 
 if TYPE_CHECKING:
     import torch
@@ -75,18 +75,22 @@ def load_pooling(dest_dir: str | os.PathLike[str]) -> PoolingSpec:
         return PoolingSpec.model_validate_json(path.read_text(encoding="utf-8"))
     except ValidationError as exc:
         raise ConfigError(
-            f"{path} is not a valid pooling spec: {exc.errors()[0]['msg']}.", param="model"
+            f"{path} is not a valid pooling spec: {first_error(exc).message}.", param="model"
         ) from None
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_json(path: Path, kind: type, what: str) -> Any:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"Cannot read {path}: {exc}.", param="model") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a JSON object.", param="model")
+    if not isinstance(data, kind):
+        raise ConfigError(f"{path} must hold {what}.", param="model")
     return data
+
+
+def _read_object(path: Path) -> dict[str, Any]:
+    return _read_json(path, dict, "a JSON object")
 
 
 def _modes_from_config(config: dict[str, Any], path: Path) -> tuple[PoolingMode, ...]:
@@ -113,13 +117,7 @@ def sentence_transformers_modules(folder: str | os.PathLike[str]) -> list[dict[s
     path = Path(folder) / "modules.json"
     if not path.is_file():
         return None
-    try:
-        modules = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"Cannot read {path}: {exc}.", param="model") from None
-    if not isinstance(modules, list):
-        raise ConfigError(f"{path} must hold a JSON list of modules.", param="model")
-    return modules
+    return _read_json(path, list, "a JSON list of modules")
 
 
 def transformer_dir(folder: str | os.PathLike[str]) -> Path:
@@ -156,13 +154,13 @@ def read_pooling(folder: str | os.PathLike[str]) -> PoolingSpec:
         if kind == "Transformer":
             for name in ("sentence_bert_config.json", "sentence_xlnet_config.json"):
                 if (module_dir / name).is_file():
-                    config = _read_json(module_dir / name)
+                    config = _read_object(module_dir / name)
                     if config.get("max_seq_length") is not None:
                         fields["max_seq_length"] = int(config["max_seq_length"])
                     fields["lowercase"] = bool(config.get("do_lower_case", False))
                     break
         elif kind == "Pooling":
-            config = _read_json(module_dir / "config.json")
+            config = _read_object(module_dir / "config.json")
             fields["modes"] = _modes_from_config(config, module_dir / "config.json")
             dim = config.get("embedding_dimension", config.get("word_embedding_dimension"))
             if dim is not None:
@@ -180,7 +178,7 @@ def read_pooling(folder: str | os.PathLike[str]) -> PoolingSpec:
 
     st_config = root / "config_sentence_transformers.json"
     if st_config.is_file():
-        config = _read_json(st_config)
+        config = _read_object(st_config)
         prompt_name = config.get("default_prompt_name")
         prompt = str((config.get("prompts") or {}).get(prompt_name) or "") if prompt_name else ""
         if prompt and not include_prompt:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from llmadapter.config import GenerationParams
-from llmadapter.engine.base import EngineStats
+from llmadapter.engine.base import EngineStats, WorkerThread
 from llmadapter.engine.sampling import RowSampler, choose_tokens
 from llmadapter.engine.stops import IncrementalDecoder, StopMatcher
 from llmadapter.errors import GenerationError, LLMAdapterError, OverloadedError
@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 class TokenInfo:
     """One generated token with its log probability and the text offset where it starts."""
 
-    token_id: int
     text: str
     logprob: float
     top: list[tuple[str, float]]
@@ -129,7 +128,7 @@ class Scheduler:
         self._waiting: deque[Sequence] = deque()
         self._batch = _Batch()
         self._cv = threading.Condition()
-        self._thread: threading.Thread | None = None
+        self._worker = WorkerThread(self._loop, "llmadapter-scheduler")
         self._closed = False
 
     # -- public -------------------------------------------------------------------------------
@@ -145,9 +144,7 @@ class Scheduler:
                 )
             self._waiting.extend(seqs)
             self.stats.queue_depth = len(self._waiting)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="llmadapter-scheduler", daemon=True)
-                self._thread.start()
+            self._worker.start_once()
             self._cv.notify()
 
     def cancel(self, seqs: list[Sequence]) -> None:
@@ -160,8 +157,7 @@ class Scheduler:
         with self._cv:
             self._closed = True
             self._cv.notify()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+        self._worker.join()
 
     # -- loop ---------------------------------------------------------------------------------
 
@@ -299,7 +295,7 @@ class Scheduler:
                 if seq.params.top_logprobs:
                     values, idx = torch.topk(row, seq.params.top_logprobs)
                     top = [(self._piece(int(t)), float(v)) for v, t in zip(values, idx, strict=True)]
-                info = TokenInfo(tok, self._piece(tok), float(row[tok]), top, len(seq.matcher.text))
+                info = TokenInfo(self._piece(tok), float(row[tok]), top, len(seq.matcher.text))
             self._record(seq, tok, info)
 
     def _piece(self, token_id: int) -> str:

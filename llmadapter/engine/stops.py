@@ -13,15 +13,14 @@ class IncrementalDecoder:
     instead of re-decoding the whole output; text ending in U+FFFD waits for the next token.
     """
 
-    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True) -> None:
+    def __init__(self, tokenizer: Any) -> None:
         self._tokenizer = tokenizer
-        self._skip = skip_special_tokens
         self.ids: list[int] = []
         self._prefix_offset = 0
         self._read_offset = 0
 
     def _decode(self, ids: list[int]) -> str:
-        return str(self._tokenizer.decode(ids, skip_special_tokens=self._skip))
+        return str(self._tokenizer.decode(ids, skip_special_tokens=True))
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)

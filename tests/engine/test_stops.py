@@ -176,10 +176,15 @@ def test_decoder_flush_releases_an_incomplete_character(tokenizer: Any) -> None:
 
 @settings(PROPERTY, max_examples=150)
 @given(text=st.text(alphabet=st.sampled_from(list("ab .,\nCaféï日本語🙂ç")) | st.characters(), max_size=30))
+@example(text="\ufffd")
+@example(text="a\ufffdb")
 def test_decoder_property(tokenizer: Any, text: str) -> None:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     deltas = decode_stepwise(tokenizer, ids)
-    assert all("\ufffd" not in d for d in deltas)
+    # A U+FFFD of the text itself reads like a split character (held, then flushed): only then may a
+    # delta show one. Hypothesis draws it when a loaded module holds the literal (its constants pool).
+    if "\ufffd" not in text:
+        assert all("\ufffd" not in d for d in deltas)
     assert "".join(deltas) == tokenizer.decode(ids) == text
 
 

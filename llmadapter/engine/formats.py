@@ -1,0 +1,281 @@
+"""How each generation task speaks OpenAI: its prompt, its answer, its stream chunks and their logprobs.
+
+One format per task (`FORMATS`, keyed by the llm/v1 task), chosen once by the engine; the envelope
+models (response, chunk) come from the task's TaskSpec.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, cast
+
+from pydantic import BaseModel
+
+from llmadapter.catalog import CHAT, COMPLETIONS, TaskSpec
+from llmadapter.config import GenerationParams
+from llmadapter.engine.scheduler import Sequence, TokenInfo
+from llmadapter.engine.sink import Event
+from llmadapter.errors import InvalidRequestError
+from llmadapter.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionRequest,
+    ChoiceLogprobs,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    DeltaMessage,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+
+GenRequest = ChatCompletionRequest | CompletionRequest
+
+
+@dataclass
+class Cursor:
+    """How much of one choice a stream has sent: its role chunk, its text, its tokens' logprobs."""
+
+    started: bool = False
+    chars: int = 0
+    tokens: int = 0
+
+
+@dataclass
+class Job:
+    """One request in flight: its prompts, its sequences (prompt x n), and how far its stream got."""
+
+    request: GenRequest
+    params: GenerationParams
+    prompts: list[list[int]]
+    prompt_texts: list[str]
+    id: str
+    created: int
+    seqs: list[Sequence] = field(default_factory=list)
+    cursors: dict[int, Cursor] = field(default_factory=dict)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+    def usage(self) -> Usage:
+        completion = sum(len(s.generated) for s in self.seqs)
+        return Usage(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=completion,
+            total_tokens=self.prompt_tokens + completion,
+        )
+
+    def raise_error(self) -> None:
+        for seq in self.seqs:
+            if seq.error is not None:
+                raise seq.error
+
+
+class Format(ABC):
+    """One task's OpenAI shapes; subclasses build the prompt, a choice and a choice's stream chunks."""
+
+    request_model: ClassVar[type[GenRequest]]
+    prompt_param: ClassVar[str]  # the request field that holds the prompt, as errors name it
+    id_prefix: ClassVar[str]
+
+    def __init__(self, spec: TaskSpec, tokenizer: Any, model_name: str) -> None:
+        assert spec.chunk_model is not None, "generation tasks stream"
+        self.spec = spec
+        self._chunk_model: type[Any] = spec.chunk_model
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+
+    @abstractmethod
+    def prompts(self, req: Any) -> tuple[list[list[int]], list[str]]:
+        """The token ids and texts of the request's prompts (raises InvalidRequestError)."""
+
+    @abstractmethod
+    def choice(self, job: Job, seq: Sequence) -> BaseModel:
+        """One finished sequence as a choice of the whole answer."""
+
+    @abstractmethod
+    def chunks(
+        self, job: Job, seq: Sequence, out: str, finished: bool, first: bool, tokens: list[TokenInfo]
+    ) -> list[BaseModel]:
+        """The chunks that carry `out` (and its tokens' logprobs) of one choice."""
+
+    def response(self, job: Job) -> BaseModel:
+        seqs = sorted(job.seqs, key=lambda s: s.choice_index)
+        return self.spec.response_model(
+            id=job.id,
+            created=job.created,
+            model=self.model_name,
+            choices=[self.choice(job, s) for s in seqs],
+            usage=job.usage(),
+        )
+
+    def chunk(self, job: Job, choice: BaseModel) -> BaseModel:
+        return self._chunk_model(id=job.id, created=job.created, model=self.model_name, choices=[choice])
+
+    def usage_chunk(self, job: Job) -> BaseModel:
+        return self._chunk_model(
+            id=job.id, created=job.created, model=self.model_name, choices=[], usage=job.usage()
+        )
+
+    def stream_chunks(self, job: Job, event: Event) -> list[BaseModel]:
+        """The chunks one scheduler event adds to a stream (raises the sequence's error, if any)."""
+        seq, out, finished, n_tokens = event
+        if seq.error is not None:
+            raise seq.error
+        cursor = job.cursors.setdefault(seq.choice_index, Cursor())
+        first = not cursor.started
+        cursor.started = True
+        cursor.chars += len(out)
+        tokens: list[TokenInfo] = []
+        if job.params.logprobs:
+            # A token's logprob goes out with the text it starts: not while a stop string holds that text
+            # back, never for text a stop string cut (as in the whole answer, Sequence.emitted_tokens).
+            end = len(seq.text) if finished else cursor.chars
+            for token in seq.tokens[cursor.tokens : n_tokens]:
+                if not (token.offset < end or (finished and token.offset == end and not token.text)):
+                    break
+                tokens.append(token)
+            cursor.tokens += len(tokens)
+        return self.chunks(job, seq, out, finished, first, tokens)
+
+
+def _reason(seq: Sequence) -> Any:
+    return cast(Any, seq.finish_reason)
+
+
+class ChatFormat(Format):
+    """llm/v1/chat: the chat template renders the messages; deltas carry the role, then the content."""
+
+    request_model = ChatCompletionRequest
+    prompt_param = "messages"
+    id_prefix = "chatcmpl"
+
+    def __init__(self, spec: TaskSpec, tokenizer: Any, model_name: str) -> None:
+        super().__init__(spec, tokenizer, model_name)
+        template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+        self._template_has_tools = "tools" in (template or "")
+
+    def prompts(self, req: ChatCompletionRequest) -> tuple[list[list[int]], list[str]]:
+        if not self.tokenizer.chat_template:
+            raise InvalidRequestError(
+                "This model's tokenizer has no chat template; use the completions task.", param="messages"
+            )
+        kwargs: dict[str, Any] = {}
+        if req.tools and req.tool_choice != "none":
+            if not self._template_has_tools:
+                raise InvalidRequestError("This model's chat template does not support tools.", param="tools")
+            if req.tool_choice not in (None, "auto"):
+                raise InvalidRequestError(
+                    "Only tool_choice 'auto' or 'none' is supported: the engine cannot force a tool call.",
+                    param="tool_choice",
+                )
+            kwargs["tools"] = [tool.model_dump(exclude_none=True) for tool in req.tools]
+        try:
+            text = self.tokenizer.apply_chat_template(
+                [m.to_template() for m in req.messages], tokenize=False, add_generation_prompt=True, **kwargs
+            )
+        except Exception as exc:  # jinja raises for conversations the template refuses
+            raise InvalidRequestError(
+                f"The chat template rejected the messages: {exc}", param="messages"
+            ) from None
+        # The template already wrote any BOS it wants: adding special tokens again would double it.
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return [list(ids)], [str(text)]
+
+    @staticmethod
+    def _logprobs(tokens: list[TokenInfo]) -> ChoiceLogprobs:
+        return ChoiceLogprobs(
+            content=[
+                TokenLogprob(
+                    token=t.text,
+                    logprob=t.logprob,
+                    bytes=list(t.text.encode()),
+                    top_logprobs=[TopLogprob(token=s, logprob=v, bytes=list(s.encode())) for s, v in t.top],
+                )
+                for t in tokens
+            ]
+        )
+
+    def choice(self, job: Job, seq: Sequence) -> BaseModel:
+        return ChatChoice(
+            index=seq.choice_index,
+            message=AssistantMessage(content=seq.text),
+            finish_reason=_reason(seq),
+            logprobs=self._logprobs(seq.emitted_tokens()) if job.params.logprobs else None,
+        )
+
+    def chunks(
+        self, job: Job, seq: Sequence, out: str, finished: bool, first: bool, tokens: list[TokenInfo]
+    ) -> list[BaseModel]:
+        deltas: list[tuple[DeltaMessage, Any, ChoiceLogprobs | None]] = []
+        if first:
+            deltas.append((DeltaMessage(role="assistant", content=""), None, None))
+        if out or tokens:
+            deltas.append((DeltaMessage(content=out), None, self._logprobs(tokens) if tokens else None))
+        if finished:
+            deltas.append((DeltaMessage(), _reason(seq), None))
+        return [
+            self.chunk(
+                job,
+                ChatChunkChoice(index=seq.choice_index, delta=delta, finish_reason=reason, logprobs=logprobs),
+            )
+            for delta, reason, logprobs in deltas
+        ]
+
+
+class CompletionsFormat(Format):
+    """llm/v1/completions: prompts as given, one choice per prompt x n, `echo` puts the prompt first."""
+
+    request_model = CompletionRequest
+    prompt_param = "prompt"
+    id_prefix = "cmpl"
+
+    def prompts(self, req: CompletionRequest) -> tuple[list[list[int]], list[str]]:
+        texts = req.prompts()
+        prompts = [list(self.tokenizer(t)["input_ids"]) for t in texts]
+        if any(not p for p in prompts):
+            raise InvalidRequestError("'prompt' must not be empty.", param="prompt")
+        return prompts, texts
+
+    @staticmethod
+    def _echo(job: Job, seq: Sequence) -> str:
+        if cast(CompletionRequest, job.request).echo:
+            return job.prompt_texts[seq.choice_index // job.params.n]
+        return ""
+
+    @staticmethod
+    def _logprobs(tokens: list[TokenInfo], base: int) -> CompletionLogprobs:
+        return CompletionLogprobs(
+            tokens=[t.text for t in tokens],
+            token_logprobs=[t.logprob for t in tokens],
+            top_logprobs=[dict(t.top) for t in tokens],
+            text_offset=[base + t.offset for t in tokens],
+        )
+
+    def choice(self, job: Job, seq: Sequence) -> BaseModel:
+        echo = self._echo(job, seq)
+        return CompletionChoice(
+            index=seq.choice_index,
+            text=echo + seq.text,
+            finish_reason=_reason(seq),
+            logprobs=self._logprobs(seq.emitted_tokens(), len(echo)) if job.params.logprobs else None,
+        )
+
+    def chunks(
+        self, job: Job, seq: Sequence, out: str, finished: bool, first: bool, tokens: list[TokenInfo]
+    ) -> list[BaseModel]:
+        echo = self._echo(job, seq)
+        text = (echo if first else "") + out
+        if not (text or tokens or finished):
+            return []
+        logprobs = self._logprobs(tokens, len(echo)) if tokens else None
+        reason = _reason(seq) if finished else None
+        choice = CompletionChoice(index=seq.choice_index, text=text, finish_reason=reason, logprobs=logprobs)
+        return [self.chunk(job, choice)]
+
+
+FORMATS: dict[str, type[Format]] = {CHAT: ChatFormat, COMPLETIONS: CompletionsFormat}
