@@ -13,6 +13,8 @@ from urllib.parse import urlparse
 
 from pydantic import ValidationError
 
+from llmadapter.errors import first_error
+
 if TYPE_CHECKING:
     import uvicorn
     from fastapi import FastAPI
@@ -86,9 +88,8 @@ def _serve_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     try:
         settings = ServerSettings(**given)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        parser.error(f"--{where.replace('_', '-')}: {first['msg']}")
+        first = first_error(exc)
+        parser.error(f"--{first.where.replace('_', '-')}: {first.message}")
     # An explicitly named key variable that is unset would silently open the server: refuse.
     if "api_key_env" in given and not settings.api_key():
         parser.error(f"--api-key-env: the environment variable ${settings.api_key_env} is not set or empty.")
