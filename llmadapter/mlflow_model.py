@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from llmadapter.catalog import CHAT, EMBEDDINGS, TaskSpec, build_signature, get_task, resolve_task
 from llmadapter.config import EmbeddingsConfig, ModelConfig, parse_model_config
 from llmadapter.errors import ConfigError, InvalidRequestError, LLMAdapterError
+from llmadapter.names import served_name
 
 if TYPE_CHECKING:
     from mlflow.models.model import ModelInfo
@@ -433,13 +434,6 @@ def build_engine(
     return GenerationEngine(model, tokenizer, spec=spec, config=config, model_name=name)
 
 
-def _registered_name(model_uri: str) -> str | None:
-    if model_uri.startswith("models:/"):
-        rest = model_uri[len("models:/") :]
-        return rest.split("@")[0].split("/")[0] or None
-    return None
-
-
 def load_engine(
     model_uri: str, *, model_name: str | None = None, model_config: Mapping[str, Any] | None = None
 ) -> Engine:
@@ -447,9 +441,7 @@ def load_engine(
     from mlflow.artifacts import download_artifacts
 
     local = model_uri if os.path.isdir(model_uri) else download_artifacts(artifact_uri=model_uri)
-    return build_engine(
-        local, model_config=model_config, model_name=model_name or _registered_name(model_uri)
-    )
+    return build_engine(local, model_config=model_config, model_name=model_name or served_name(model_uri))
 
 
 # ---------------------------------------------------------------------------------------------
