@@ -555,7 +555,7 @@ def csv_rows(body: bytes) -> list[dict[str, Any]]:
 
     import pandas as pd
 
-    from llmadapter.mlflow_model import frame_rows
+    from llmadapter.rows import plain_rows
 
     try:
         # Text columns stay text ("42" is a prompt, not a number), as the signature's types make MLflow read
@@ -566,7 +566,7 @@ def csv_rows(body: bytes) -> list[dict[str, Any]]:
         raise InvalidRequestError(f"The body is not valid CSV: {detail}", code="invalid_csv") from None
     if frame.empty:
         raise InvalidRequestError("The CSV body has a header but no rows.", code="invalid_csv")
-    return frame_rows(frame)
+    return plain_rows(frame)
 
 
 def pyfunc_rows(rows: list[dict[str, Any]], task: str) -> list[dict[str, Any]]:
