@@ -130,7 +130,7 @@ def _load_models(
             server.should_exit = True
             return
         loaded.append(engine)
-        app.state.models.add(name, engine)
+        app.state.models.add(engine)
         log.info("%s ready (%s)", name, engine.inference_task)
 
 
