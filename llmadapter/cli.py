@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlparse
 
 from pydantic import ValidationError
+
+from llmadapter.errors import first_error
+from llmadapter.names import served_name
 
 if TYPE_CHECKING:
     import uvicorn
@@ -21,20 +22,6 @@ if TYPE_CHECKING:
     from llmadapter.server.settings import ServerSettings
 
 log = logging.getLogger("llmadapter.cli")
-
-
-def model_id(uri: str) -> str:
-    """The id a model is served under: the registered name for models:/ URIs, else the path's last part.
-
-    models:/chat@champion -> chat; models:/chat/3 -> chat; runs:/<run>/model -> model;
-    /data/smollm2/ -> smollm2.
-    """
-    if uri.startswith("models:/"):
-        rest = uri.removeprefix("models:/").lstrip("/")
-        return rest.split("@", 1)[0].split("/", 1)[0]
-    path = urlparse(uri).path if "://" in uri or uri.startswith("runs:/") else uri
-    parts = [p for p in path.replace(os.sep, "/").split("/") if p]
-    return parts[-1] if parts else uri
 
 
 def _settings_flags(parser: argparse.ArgumentParser) -> None:
@@ -86,9 +73,8 @@ def _serve_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     try:
         settings = ServerSettings(**given)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        parser.error(f"--{where.replace('_', '-')}: {first['msg']}")
+        first = first_error(exc)
+        parser.error(f"--{first.where.replace('_', '-')}: {first.message}")
     # An explicitly named key variable that is unset would silently open the server: refuse.
     if "api_key_env" in given and not settings.api_key():
         parser.error(f"--api-key-env: the environment variable ${settings.api_key_env} is not set or empty.")
@@ -97,7 +83,7 @@ def _serve_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -
 
 def _model_ids(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
     uris: list[str] = args.model_uris
-    names: list[str] = args.names or [model_id(uri) for uri in uris]
+    names: list[str] = args.names or [served_name(uri) for uri in uris]
     if len(names) != len(uris):
         parser.error(f"--name given {len(names)} times for {len(uris)} model URIs; give it once per URI.")
     duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -144,7 +130,7 @@ def _load_models(
             server.should_exit = True
             return
         loaded.append(engine)
-        app.state.models.add(name, engine)
+        app.state.models.add(engine)
         log.info("%s ready (%s)", name, engine.inference_task)
 
 

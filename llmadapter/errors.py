@@ -94,6 +94,7 @@ class FirstError:
     where: str  # dotted location ("messages.0.role"), "" for the whole object
     message: str  # pydantic's message without its "Value error, " prefix
     kind: str  # pydantic's error type ("extra_forbidden", "missing", "int_type", ...)
+    loc: tuple[str | int, ...] = ()  # the location as pydantic gives it, for callers that spell it otherwise
 
 
 def first_error(exc: ValidationError) -> FirstError:
@@ -104,4 +105,4 @@ def first_error(exc: ValidationError) -> FirstError:
     first = errors[0]
     where = ".".join(str(p) for p in first.get("loc", ()))
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    return FirstError(where, message, str(first.get("type", "value_error")))
+    return FirstError(where, message, str(first.get("type", "value_error")), tuple(first.get("loc", ())))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import sys
 from collections.abc import Iterator, Mapping
@@ -20,7 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 from llmadapter.catalog import CHAT, EMBEDDINGS, TaskSpec, build_signature, get_task, resolve_task
 from llmadapter.config import EmbeddingsConfig, ModelConfig, parse_model_config
-from llmadapter.errors import ConfigError, InvalidRequestError, LLMAdapterError
+from llmadapter.errors import ConfigError, LLMAdapterError
+from llmadapter.names import served_name
+from llmadapter.pyfunc import LLMAdapterPyfunc
 
 if TYPE_CHECKING:
     from mlflow.models.model import ModelInfo
@@ -433,13 +434,6 @@ def build_engine(
     return GenerationEngine(model, tokenizer, spec=spec, config=config, model_name=name)
 
 
-def _registered_name(model_uri: str) -> str | None:
-    if model_uri.startswith("models:/"):
-        rest = model_uri[len("models:/") :]
-        return rest.split("@")[0].split("/")[0] or None
-    return None
-
-
 def load_engine(
     model_uri: str, *, model_name: str | None = None, model_config: Mapping[str, Any] | None = None
 ) -> Engine:
@@ -447,102 +441,12 @@ def load_engine(
     from mlflow.artifacts import download_artifacts
 
     local = model_uri if os.path.isdir(model_uri) else download_artifacts(artifact_uri=model_uri)
-    return build_engine(
-        local, model_config=model_config, model_name=model_name or _registered_name(model_uri)
-    )
+    return build_engine(local, model_config=model_config, model_name=model_name or served_name(model_uri))
 
 
 # ---------------------------------------------------------------------------------------------
 # pyfunc
 # ---------------------------------------------------------------------------------------------
-
-
-def _plain(value: Any) -> Any:
-    """DataFrame cells back to JSON-like Python: numpy arrays -> lists, NaN/None -> None."""
-    import numpy as np
-
-    if isinstance(value, np.ndarray):
-        return [_plain(v) for v in value.tolist()]
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items() if _plain(v) is not None}
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
-
-
-def frame_rows(data: Any) -> list[dict[str, Any]]:
-    """Request rows from what predict receives (a DataFrame after schema enforcement, a dict or a list of
-    dicts), as plain Python with missing cells left out."""
-    import pandas as pd
-
-    if isinstance(data, pd.DataFrame):
-        records = data.to_dict(orient="records")
-    elif isinstance(data, Mapping):
-        records = [dict(data)]
-    elif isinstance(data, list) and all(isinstance(r, Mapping) for r in data):
-        records = [dict(r) for r in data]
-    else:
-        raise InvalidRequestError(
-            f"Expected an OpenAI request dict, a list of them or a DataFrame; got {type(data).__name__}.",
-            param=None,
-        )
-    out = []
-    for record in records:
-        row = {str(k): _plain(v) for k, v in record.items()}
-        out.append({k: v for k, v in row.items() if v is not None})
-    return out
-
-
-class LLMAdapterPyfunc:
-    """What `mlflow.pyfunc.load_model` returns the predict calls to: OpenAI dicts in, OpenAI dicts out."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-
-    def get_raw_model(self) -> Engine:
-        return self.engine
-
-    def _requests(self, data: Any, params: Mapping[str, Any] | None, *, streaming: bool = False) -> list[Any]:
-        defaults = {k: v for k, v in (params or {}).items() if v is not None}
-        rows = frame_rows(data)
-        embeddings = self.engine.inference_task == EMBEDDINGS
-        if embeddings and len(rows) > 1 and all(set(r) <= {"input"} for r in rows):
-            # A list of texts arrives as one row per text after MLflow's schema enforcement.
-            rows = [{"input": [r["input"] for r in rows]}]
-        requests = []
-        for row in rows:
-            # predict answers whole and predict_stream streams, whatever the request's `stream` says.
-            row.pop("stream", None)
-            if streaming:
-                row["stream"] = True
-            else:
-                row.pop("stream_options", None)
-            if not embeddings:
-                row.pop("custom_inputs", None)
-            requests.append(self.engine.parse({**defaults, **row}))
-        return requests
-
-    def predict(self, data: Any, params: Mapping[str, Any] | None = None) -> Any:
-        requests = self._requests(data, params)
-        responses = [r.model_dump(exclude_none=True) for r in self.engine.run(requests)]
-        return responses[0] if len(responses) == 1 else responses
-
-    def predict_stream(self, data: Any, params: Mapping[str, Any] | None = None) -> Iterator[dict[str, Any]]:
-        requests = self._requests(data, params, streaming=True)
-        if len(requests) != 1:
-            raise InvalidRequestError("predict_stream takes exactly one request.", param=None)
-        request = requests[0]
-        include_usage = True
-        options = getattr(request, "stream_options", None)
-        if options is not None:
-            include_usage = bool(options.include_usage)
-            request = request.model_copy(update={"stream_options": None})
-        for chunk in self.engine.stream(request, include_usage=include_usage):
-            yield chunk.model_dump(exclude_none=True)
 
 
 def _load_pyfunc(path: str, model_config: Mapping[str, Any] | None = None) -> LLMAdapterPyfunc:

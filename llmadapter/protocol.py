@@ -20,7 +20,7 @@ from pydantic import (
 )
 
 from llmadapter.config import GenerationParams, ModelConfig
-from llmadapter.errors import InvalidRequestError
+from llmadapter.errors import InvalidRequestError, first_error
 
 MAX_STOP_SEQUENCES = 16
 MAX_N = 16
@@ -286,16 +286,18 @@ def parse_request(cls: type[RequestT], data: Any, *, strict: bool = False) -> Re
     try:
         return cls.model_validate(dict(data), strict=strict)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        param = _param_of(tuple(first.get("loc", ())))
-        if first.get("type") == "extra_forbidden":
-            message = f"Unsupported parameter: '{param}' is not accepted by this endpoint."
-        elif first.get("type") == "missing":
-            message = f"Missing required parameter: '{param}'."
-        else:
-            msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-            message = f"Invalid value for '{param}': {msg}." if param else f"Invalid request: {msg}."
-        raise InvalidRequestError(message, param=param or None) from None
+        first = first_error(exc)
+        param = _param_of(first.loc)
+        by_kind = {
+            "extra_forbidden": f"Unsupported parameter: '{param}' is not accepted by this endpoint.",
+            "missing": f"Missing required parameter: '{param}'.",
+        }
+        other = (
+            f"Invalid value for '{param}': {first.message}."
+            if param
+            else f"Invalid request: {first.message}."
+        )
+        raise InvalidRequestError(by_kind.get(first.kind, other), param=param or None) from None
 
 
 # ---------------------------------------------------------------------------------------------

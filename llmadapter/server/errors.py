@@ -21,7 +21,13 @@ from dataclasses import dataclass, field
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
-from llmadapter.errors import GenerationError, InvalidRequestError, LLMAdapterError, OverloadedError
+from llmadapter.errors import (
+    GenerationError,
+    InvalidRequestError,
+    LLMAdapterError,
+    OverloadedError,
+    first_error,
+)
 from llmadapter.protocol import ErrorBody, ErrorResponse
 
 log = logging.getLogger("llmadapter.server")
@@ -104,10 +110,12 @@ def to_error_answer(exc: BaseException) -> ErrorAnswer:
     if isinstance(exc, json.JSONDecodeError | UnicodeDecodeError | RecursionError):
         return to_error_answer(invalid_json(exc))
     if isinstance(exc, ValidationError):
-        errors = exc.errors()
-        param = ".".join(str(p) for p in errors[0]["loc"]) if errors else None
-        message = str(errors[0]["msg"] if errors else "invalid value").removeprefix("Value error, ")
-        return to_error_answer(InvalidRequestError(f"Invalid value for '{param}': {message}.", param=param))
+        first = first_error(exc)
+        return to_error_answer(
+            InvalidRequestError(
+                f"Invalid value for '{first.where}': {first.message}.", param=first.where or None
+            )
+        )
     if isinstance(exc, HTTPException):
         error_type = _HTTP_TYPES.get(exc.status_code, "invalid_request_error")
         if exc.status_code >= 500:

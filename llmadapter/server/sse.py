@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from pydantic import BaseModel
 
-from llmadapter.server.errors import ErrorAnswer, RequestTimeoutError, to_error_answer
+from llmadapter.server.errors import ErrorAnswer, RequestTimeoutError
 
 DONE = b"data: [DONE]\n\n"
 MEDIA_TYPE = "text/event-stream"
@@ -49,33 +48,24 @@ async def event_stream(
     *,
     deadline: float,
     timeout_s: float,
-    on_chunk: Callable[[BaseModel], None] = lambda chunk: None,
-    on_error: Callable[[ErrorAnswer], None] = lambda answer: None,
+    answer_error: Callable[[Exception], ErrorAnswer],
 ) -> AsyncIterator[bytes]:
     """SSE bytes for a stream whose first chunk the caller already fetched (so setup errors got a status).
 
-    An error after the headers went out becomes one error event and ends the stream (no [DONE]), which the
-    openai client raises as APIError. A client disconnect cancels this generator; `finally` then closes the
-    engine's iterator so the generation stops.
+    An error after the headers went out becomes one error event, `answer_error(exc)`, and ends the stream
+    (no [DONE]), which the openai client raises as APIError. A client disconnect cancels this generator;
+    `finally` then closes the engine's iterator so the generation stops.
     """
     try:
-        on_chunk(first)
         yield encode_chunk(first)
         while True:
             try:
                 chunk = await next_before(chunks, deadline, timeout_s)
             except StopAsyncIteration:
                 break
-            on_chunk(chunk)
             yield encode_chunk(chunk)
         yield DONE
     except Exception as exc:  # any failure mid-stream: the status line is already sent
-        answer = to_error_answer(exc)
-        on_error(answer)
-        yield encode_error(answer)
+        yield encode_error(answer_error(exc))
     finally:
         await aclose(chunks)
-
-
-def remaining(deadline: float) -> float:
-    return max(0.0, deadline - time.monotonic())

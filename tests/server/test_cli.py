@@ -17,31 +17,12 @@ import httpx
 import openai
 import pytest
 
-from llmadapter.cli import build_parser, main, model_id
+from llmadapter.cli import build_parser, main
 from llmadapter.testing import TRAINED_ANSWER
 
 HELLO = [{"role": "user", "content": "Hello"}]
 # The logged model's model_config cuts answers at this many tokens unless a request says otherwise.
 STORED_MAX_TOKENS = 12
-
-
-@pytest.mark.parametrize(
-    ("uri", "expected"),
-    [
-        ("models:/chat-model@champion", "chat-model"),
-        ("models:/chat-model/3", "chat-model"),
-        ("models:/chat-model/latest", "chat-model"),
-        ("runs:/0a1b2c/model", "model"),
-        ("runs:/0a1b2c/llm/chat", "chat"),
-        ("/data/models/smollm2/", "smollm2"),
-        ("relative/minilm", "minilm"),
-        ("file:///srv/models/tiny", "tiny"),
-        ("mlflow-artifacts:/1/abc/artifacts/model", "model"),
-    ],
-    ids=["alias", "version", "latest", "run", "run-nested", "abs-path", "rel-path", "file-uri", "artifacts"],
-)
-def test_model_id_defaults(uri: str, expected: str) -> None:
-    assert model_id(uri) == expected
 
 
 def test_every_server_setting_is_a_flag() -> None:

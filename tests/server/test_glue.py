@@ -31,23 +31,28 @@ from llmadapter.protocol import (
     ChatCompletionRequest,
     DeltaMessage,
 )
+from llmadapter.rows import request_rows
 from llmadapter.server import sse
-from llmadapter.server.app import ServedModels, build_app, split_invocation
+from llmadapter.server.app import build_app
 from llmadapter.server.errors import (
     ModelLoadingError,
     PayloadTooLargeError,
     RequestTimeoutError,
     to_error_answer,
 )
+from llmadapter.server.invocations import split_invocation
+from llmadapter.server.served import ServedModels
 from llmadapter.server.settings import ServerSettings
 
 
 class FakeEngine(Engine):
     """An engine whose answers and failures the test decides."""
 
-    def __init__(self, task: str = CHAT, *, fail: Exception | None = None, chunks: int = 3) -> None:
+    def __init__(
+        self, task: str = CHAT, *, name: str = "fake", fail: Exception | None = None, chunks: int = 3
+    ) -> None:
         self.spec = get_task(task)
-        self.model_name = "fake"
+        self.model_name = name
         self.stats = EngineStats()
         self.fail = fail
         self.chunks = chunks
@@ -223,15 +228,15 @@ def test_models_loading_make_ready_503_until_added() -> None:
     early = client.post("/v1/chat/completions", json={**HELLO, "model": "later"})
     assert early.status_code == 503
     assert early.headers["retry-after"] == "1"
-    app.state.models.add("later", FakeEngine())
+    app.state.models.add(FakeEngine(name="later"))
     assert client.get("/ready").json() == {"status": "ready", "models": ["later"]}
 
 
 def test_model_lookup_rules() -> None:
-    chat, other_chat, embed = FakeEngine(), FakeEngine(), FakeEngine(EMBEDDINGS)
-    models = ServedModels({"a": chat, "e": embed})
-    assert models.for_task(None, CHAT) == ("a", chat)
-    assert models.for_task("e", EMBEDDINGS) == ("e", embed)
+    chat, other_chat, embed = FakeEngine(name="a"), FakeEngine(name="b"), FakeEngine(EMBEDDINGS, name="e")
+    models = ServedModels([chat, embed])
+    assert models.for_task(None, CHAT) is chat
+    assert models.for_task("e", EMBEDDINGS) is embed
     with pytest.raises(InvalidRequestError) as wrong:
         models.for_task("e", CHAT)
     assert wrong.value.param == "model" and wrong.value.code == "wrong_task"
@@ -239,7 +244,7 @@ def test_model_lookup_rules() -> None:
         models.for_task("zzz", CHAT)
     with pytest.raises(InvalidRequestError):
         models.for_task(5, CHAT)
-    several = ServedModels({"a": chat, "b": other_chat})
+    several = ServedModels([chat, other_chat])
     with pytest.raises(InvalidRequestError, match="name one"):
         several.for_task(None, CHAT)
     with pytest.raises(NotFoundError):
@@ -282,7 +287,9 @@ def test_model_lookup_rules() -> None:
     ],
 )
 def test_invocation_formats(body: dict, rows: list, wrapped: bool) -> None:
-    assert split_invocation(body) == (rows, wrapped)
+    invocation = split_invocation(body)
+    assert request_rows(invocation.rows, invocation.params, get_task(CHAT)) == rows
+    assert invocation.wrapped is wrapped
 
 
 def test_settings_come_from_the_environment_with_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -313,3 +320,26 @@ def test_embedding_request_fields_are_left_to_the_engine() -> None:
     response = client.post("/v1/embeddings", json={"model": "fake", "input": "x", "colour": "red"})
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "colour"
+
+
+def test_every_answer_is_counted_by_route_model_and_status() -> None:
+    client = _client(FakeEngine(fail=RuntimeError("boom")))
+    client.post("/v1/chat/completions", json={**HELLO, "stream": True})  # the stream's error event
+    client.post("/v1/chat/completions", json=HELLO)  # the engine crash: a 500
+    client.get("/v1/models/fake")
+    client.get("/no/such/route")
+    text = client.get("/metrics").text
+    for sample in (
+        'llmadapter_requests_total{model="fake",route="/v1/chat/completions",status="200"} 1.0',
+        'llmadapter_requests_total{model="fake",route="/v1/chat/completions",status="500"} 1.0',
+        'llmadapter_requests_total{model="",route="other",status="200"} 1.0',  # a model id in the path
+        'llmadapter_requests_total{model="",route="other",status="404"} 1.0',
+        'llmadapter_errors_total{route="/v1/chat/completions",type="server_error"} 2.0',
+        'llmadapter_errors_total{route="other",type="not_found_error"} 1.0',
+    ):
+        assert sample in text
+
+
+def test_engines_are_served_under_their_own_name() -> None:
+    with pytest.raises(ValueError, match="'alias' \\('fake'\\)"):
+        build_app({"alias": FakeEngine()}, settings())
