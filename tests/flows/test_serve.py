@@ -49,7 +49,7 @@ def _register_champion(tiny_gpt2: Path) -> None:
         config_hash="h",
         report=passed,
     )
-    registry.promote("tiny-serve", version.version)
+    registry.move_alias("tiny-serve", version.version)
 
 
 def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 300) -> None:
