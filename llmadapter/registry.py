@@ -335,9 +335,9 @@ def move_alias(
 ) -> PromotionResult:
     """Give `alias` to a version through the gates, recording who moved it and why as version tags.
 
-    The gates run here and only here: validation passed (else ValidationFailedError, nothing moves),
-    and the weights are in the artifact store (a hub reference has them copied in first). A version
-    older than the alias's current holder is a rollback, tagged with the version it rolls back from.
+    The gates hold at the moment of the move: validation passed (else ValidationFailedError, nothing
+    moves), and the weights are in the artifact store (a hub reference has them copied in first). A
+    version older than the alias's current holder is a rollback, tagged with the version it replaces.
     """
     target = get_version(name, version)
     raise_unless_promotable(target, alias)
