@@ -23,10 +23,7 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -120,46 +117,17 @@ def log_models(folder: Path, store: Path) -> tuple[str, str]:
 # -- servers ----------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextmanager
-def running(
-    argv: list[str], ready_url: str, log: Path, threads: int, timeout_s: float = 600
-) -> Iterator[None]:
-    import httpx
+def running(argv: list[str], ready_url: str, log: Path, threads: int) -> Iterator[None]:
+    from llmadapter.processes import running as running_process
 
     # `mlflow models serve` has no thread setting; torch reads OMP_NUM_THREADS when it starts.
     # `mlflow models serve` execs `uvicorn` by name: put this interpreter's scripts first on PATH,
     # as an activated virtualenv would.
     path = os.pathsep.join((str(Path(sys.executable).parent), os.environ.get("PATH", "")))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PATH": path}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{' '.join(argv[:4])} exited:\n{log.read_text()[-2000:]}")
-            try:
-                if httpx.get(ready_url, timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{' '.join(argv[:4])} not ready after {timeout_s} s")
-            time.sleep(0.3)
+    with running_process(argv, ready_url, log=log, env=env):
         yield
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def ours_send(url: str, tokens: int, stream: bool) -> Send:
@@ -331,6 +299,8 @@ def bench(
     workers: list[int],
     threads: int,
 ) -> None:
+    from llmadapter.processes import free_port
+
     folder = model_folder(kind, data_dir)
     with tempfile.TemporaryDirectory(prefix="serving-bench-") as tmp_name:
         tmp = Path(tmp_name)

@@ -12,8 +12,8 @@ from prefect.input import RunInput
 from pydantic import ConfigDict, Field, model_validator
 
 from flows._params import ApprovalDecision
-from llmadapter.errors import NotFoundError, ValidationFailedError
-from llmadapter.registry import CHALLENGER, CHAMPION, RegisteredVersion, promotion_problems
+from llmadapter.errors import NotFoundError
+from llmadapter.registry import CHALLENGER, CHAMPION, RegisteredVersion, raise_unless_promotable
 from llmadapter.settings import configure_mlflow
 from llmadapter.validation import SampleAnswer, ValidationSample
 from tasks.register import get_alias, get_version, promote_version
@@ -22,7 +22,7 @@ from tasks.validate import answer_samples, artifact_key
 # "approve": true needs a name. In the JSON schema too, because the Prefect server validates a resume
 # against the schema (and refuses it, so the run stays paused); a pydantic validator alone would only
 # fail the flow run after the server had accepted the input.
-_APPROVER_REQUIRED = {
+_APPROVER_REQUIRED: dict[str, Any] = {
     "if": {"properties": {"approve": {"const": True}}, "required": ["approve"]},
     "then": {"properties": {"approver": {"type": "string", "pattern": "\\S"}}, "required": ["approver"]},
 }
@@ -134,35 +134,71 @@ def promote(
     """
     logger = get_run_logger()
     configure_mlflow()
-    if version is not None:
-        candidate = get_version(model_name, version)
-    else:
-        found = get_alias(model_name, from_alias)
-        if found is None:
-            raise NotFoundError(f"No version of '{model_name}' holds @{from_alias}.", param="version")
-        candidate = found
+    candidate = _candidate(model_name, version, from_alias)
     current = get_alias(model_name, alias)
-    if current is not None and current.version == candidate.version:
+    previous = current.version if current is not None else None
+    if previous == candidate.version:
         logger.info("%s version %d already holds @%s: nothing to do.", model_name, candidate.version, alias)
         return ApprovalDecision(
             model_name=model_name,
             version=candidate.version,
             alias=alias,
             outcome="unchanged",
-            previous=current.version,
+            previous=previous,
         )
-    problems = promotion_problems(candidate)
-    if problems:
-        raise ValidationFailedError(
-            f"{model_name} version {candidate.version} cannot become @{alias}: {'; '.join(problems)}.",
-            param="version",
+    # Refused before anyone is asked; move_alias checks again at the move (the pause may last hours).
+    raise_unless_promotable(candidate, alias)
+    markdown = _publish_comparison(model_name, alias, candidate, current, eval_samples or [])
+    decision = _decision(model_name, markdown, alias, require_approval, timeout_s, poll_interval_s)
+    if decision.approve:
+        result = promote_version(
+            model_name, candidate.version, decision.alias, decision.approver, decision.comment or None
         )
+        previous = result.previous
+        logger.info(
+            "@%s of %s: version %s -> %d%s.",
+            decision.alias,
+            model_name,
+            previous if previous is not None else "-",
+            candidate.version,
+            " (weights copied into the artifact store first)" if result.persisted_weights else "",
+        )
+    else:
+        logger.info("Rejected by %s: %s. Nothing changed.", decision.approver or "-", decision.comment or "-")
+    return ApprovalDecision(
+        model_name=model_name,
+        version=candidate.version,
+        alias=decision.alias,
+        outcome="approved" if decision.approve else "rejected",
+        previous=previous,
+        approver=decision.approver or None,
+        comment=decision.comment or None,
+    )
 
+
+def _candidate(model_name: str, version: int | None, from_alias: str) -> RegisteredVersion:
+    """The version to promote: the one numbered `version`, else the one holding `from_alias`."""
+    if version is not None:
+        return get_version(model_name, version)
+    found = get_alias(model_name, from_alias)
+    if found is None:
+        raise NotFoundError(f"No version of '{model_name}' holds @{from_alias}.", param="version")
+    return found
+
+
+def _publish_comparison(
+    model_name: str,
+    alias: str,
+    candidate: RegisteredVersion,
+    current: RegisteredVersion | None,
+    samples: list[ValidationSample],
+) -> str:
+    """Candidate vs current (tags, and both answers to each sample) as run artifacts; returns the markdown."""
     rows = _comparison_rows(candidate, current)
     answers: list[tuple[SampleAnswer, SampleAnswer | None]] = []
-    if eval_samples:
-        new = answer_samples(candidate.uri, eval_samples)
-        old = answer_samples(current.uri, eval_samples) if current else [None] * len(new)
+    if samples:
+        new = answer_samples(candidate.uri, samples)
+        old = answer_samples(current.uri, samples) if current else [None] * len(new)
         answers = list(zip(new, old, strict=True))
     markdown = _markdown(model_name, alias, candidate, current, rows, answers)
     key = artifact_key("promotion", model_name)
@@ -170,57 +206,27 @@ def promote(
         markdown=markdown, key=key, description=f"Promote {model_name} v{candidate.version}?"
     )
     create_table_artifact(table=rows, key=f"{key}-comparison", description="Candidate vs current")
+    return markdown
 
-    decision = ApprovalInput(
-        approve=True, alias=alias, approver=AUTOMATIC_APPROVER, comment="require_approval=False"
-    )
-    if require_approval:
-        try:
-            answered = pause_flow_run(
-                wait_for_input=ApprovalInput.with_initial_data(description=markdown, alias=alias),
-                timeout=timeout_s,
-                poll_interval=poll_interval_s,
-            )
-            decision = answered if answered is not None else ApprovalInput()
-        except FlowPauseTimeout:
-            # The run ends Failed (a paused run cannot complete without a decision); nothing was changed.
-            logger.warning("No decision within %d s: @%s of %s is unchanged.", timeout_s, alias, model_name)
-            raise
-    if not decision.approve:
-        logger.info("Rejected by %s: %s. Nothing changed.", decision.approver or "-", decision.comment or "-")
-        return ApprovalDecision(
-            model_name=model_name,
-            version=candidate.version,
-            alias=decision.alias,
-            outcome="rejected",
-            previous=current.version if current else None,
-            approver=decision.approver or None,
-            comment=decision.comment or None,
+
+def _decision(
+    model_name: str, markdown: str, alias: str, require_approval: bool, timeout_s: int, poll_interval_s: int
+) -> ApprovalInput:
+    """A person's answer to the approval form (the run pauses for it), or the automatic approval."""
+    if not require_approval:
+        return ApprovalInput(
+            approve=True, alias=alias, approver=AUTOMATIC_APPROVER, comment="require_approval=False"
         )
-    target = get_alias(model_name, decision.alias)
-    rollback = target is not None and candidate.version < target.version
-    result = promote_version(
-        model_name,
-        candidate.version,
-        decision.alias,
-        decision.approver,
-        decision.comment or None,
-        rollback,
-    )
-    logger.info(
-        "@%s of %s: version %s -> %d%s.",
-        decision.alias,
-        model_name,
-        result.previous if result.previous is not None else "-",
-        candidate.version,
-        " (weights copied into the artifact store first)" if result.persisted_weights else "",
-    )
-    return ApprovalDecision(
-        model_name=model_name,
-        version=candidate.version,
-        alias=decision.alias,
-        outcome="approved",
-        previous=result.previous,
-        approver=decision.approver,
-        comment=decision.comment or None,
-    )
+    try:
+        answered = pause_flow_run(
+            wait_for_input=ApprovalInput.with_initial_data(description=markdown, alias=alias),
+            timeout=timeout_s,
+            poll_interval=poll_interval_s,
+        )
+    except FlowPauseTimeout:
+        # The run ends Failed (a paused run cannot complete without a decision); nothing was changed.
+        get_run_logger().warning(
+            "No decision within %d s: @%s of %s is unchanged.", timeout_s, alias, model_name
+        )
+        raise
+    return answered if answered is not None else ApprovalInput()

@@ -1,10 +1,10 @@
 """The MLflow Model Registry side: validated versions with provenance tags, aliases, promotion, rollback.
 
 A version is identified for idempotency by (registered name, source revision sha, llm/v1 task,
-model_config hash): registering the same triple again returns the existing version. Promotion moves
-an alias (`challenger` -> `champion`) only through the gates: validation passed, and the weights are
-in the artifact store (a version logged with save_pretrained=False has them copied in first, so
-production never depends on a hub repository that may vanish).
+model_config hash): registering the same triple again returns the existing version. `move_alias` is
+the one way an alias is promoted (`challenger` -> `champion`) or rolled back: only through the gates,
+validation passed and the weights in the artifact store (a version logged with save_pretrained=False
+has them copied in first, so production never depends on a hub repository that may vanish).
 """
 
 from __future__ import annotations
@@ -35,11 +35,11 @@ __all__ = [
     "get_alias",
     "get_version",
     "list_versions",
+    "move_alias",
     "persist_weights",
-    "promote",
     "promotion_problems",
+    "raise_unless_promotable",
     "register_version",
-    "rollback",
     "set_alias",
     "weights_stored",
 ]
@@ -258,12 +258,22 @@ def register_version(
 
 
 def promotion_problems(version: RegisteredVersion) -> list[str]:
-    """Why a version may not be promoted (empty when the gates pass)."""
+    """Why a version may not take an alias (empty when the gates pass)."""
     problems = []
     status = version.tags.get(TAG_VALIDATION)
     if status != "passed":
         problems.append(f"validation_status is {status!r}, promotion needs 'passed'")
     return problems
+
+
+def raise_unless_promotable(version: RegisteredVersion, alias: str) -> None:
+    """Refuse (ValidationFailedError naming the gates) a version that may not take `alias`."""
+    problems = promotion_problems(version)
+    if problems:
+        raise ValidationFailedError(
+            f"{version.name} version {version.version} cannot become @{alias}: {'; '.join(problems)}.",
+            param="version",
+        )
 
 
 def _download_uri(version: RegisteredVersion) -> str:
@@ -315,69 +325,56 @@ def _mark_engine_weights_stored(location: str) -> None:
         get_artifact_repository(location).log_artifact(str(local), "llmadapter")
 
 
-def promote(
+def move_alias(
     name: str,
     version: int,
-    *,
     alias: str = CHAMPION,
+    *,
     approver: str | None = None,
     comment: str | None = None,
-    extra_tags: Mapping[str, str] | None = None,
 ) -> PromotionResult:
-    """Move `alias` to a version through the gates, recording who approved it and why as version tags."""
+    """Give `alias` to a version through the gates, recording who moved it and why as version tags.
+
+    The gates hold at the moment of the move: validation passed (else ValidationFailedError, nothing
+    moves), and the weights are in the artifact store (a hub reference has them copied in first). A
+    version older than the alias's current holder is a rollback, tagged with the version it replaces.
+    """
     target = get_version(name, version)
-    problems = promotion_problems(target)
-    if problems:
-        raise ValidationFailedError(
-            f"'{name}' version {version} cannot become {alias}: {'; '.join(problems)}.", param="version"
-        )
-    previous = get_alias(name, alias)
-    persisted = False
-    if target.tags.get(TAG_WEIGHTS) != "stored" and not weights_stored(target.uri):
+    raise_unless_promotable(target, alias)
+    current = get_alias(name, alias)
+    persist = target.tags.get(TAG_WEIGHTS) != "stored" and not weights_stored(target.uri)
+    if persist:
         persist_weights(name, version)
-        persisted = True
     client = _client()
     client.set_registered_model_alias(name, alias, str(version))
-    tags = {
-        TAG_PROMOTED_TO: alias,
-        TAG_PROMOTED_AT: datetime.now(UTC).isoformat(timespec="seconds"),
-        TAG_APPROVED_BY: approver or "",
-        TAG_APPROVAL_COMMENT: comment or "",
-        **dict(extra_tags or {}),
-    }
-    if previous is not None and previous.version != version:
-        tags[TAG_REPLACED] = str(previous.version)
-    for key, value in tags.items():
+    for key, value in _move_tags(alias, version, current, approver, comment).items():
         client.set_model_version_tag(name, str(version), key, value)
     return PromotionResult(
         alias=alias,
         version=get_version(name, version),
-        previous=previous.version if previous is not None else None,
-        persisted_weights=persisted,
+        previous=current.version if current is not None else None,
+        persisted_weights=persist,
     )
 
 
-def rollback(
-    name: str,
+def _move_tags(
+    alias: str,
     version: int,
-    *,
-    alias: str = CHAMPION,
-    approver: str | None = None,
-    comment: str | None = None,
-) -> PromotionResult:
-    """Give `alias` back to an earlier version by number (same gates as promotion)."""
-    current = get_alias(name, alias)
-    if current is not None and version >= current.version:
-        raise ConfigError(
-            f"Rollback goes to an earlier version: {alias} is version {current.version}, got {version}.",
-            param="version",
-        )
-    extra = {TAG_ROLLBACK: str(current.version)} if current is not None else {}
-    return promote(
-        name,
-        version,
-        alias=alias,
-        approver=approver,
-        comment=comment or f"rollback from version {current.version if current else '-'}",
-        extra_tags=extra,
-    )
+    current: RegisteredVersion | None,
+    approver: str | None,
+    comment: str | None,
+) -> dict[str, str]:
+    """The version tags that record a move of `alias` from `current` to `version`."""
+    replaced = current.version if current is not None and current.version != version else None
+    rollback = replaced is not None and version < replaced
+    tags = {
+        TAG_PROMOTED_TO: alias,
+        TAG_PROMOTED_AT: datetime.now(UTC).isoformat(timespec="seconds"),
+        TAG_APPROVED_BY: approver or "",
+        TAG_APPROVAL_COMMENT: comment or (f"rollback from version {replaced}" if rollback else ""),
+    }
+    if replaced is not None:
+        tags[TAG_REPLACED] = str(replaced)
+    if rollback:
+        tags[TAG_ROLLBACK] = str(replaced)
+    return tags

@@ -16,27 +16,21 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from llmadapter.errors import LLMAdapterError
+from llmadapter.processes import free_port, wait_until_ready
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 POOL = "llmadapter"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _bin(name: str) -> str:
@@ -118,19 +112,10 @@ class Stack:
         return result
 
     def wait_http(self, url: str, name: str, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        proc = dict(self.procs)[name]
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.log_tail(name)}")
-            try:
-                with urllib.request.urlopen(url, timeout=3) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"{name} was not healthy at {url} after {timeout} s:\n{self.log_tail(name)}")
+        try:
+            wait_until_ready(dict(self.procs)[name], url, what=f"{name} at {url}", timeout_s=timeout)
+        except LLMAdapterError as exc:
+            raise RuntimeError(f"{exc}\n{self.log_tail(name)}") from None
 
     def log_tail(self, name: str, chars: int = 4000) -> str:
         path = self.root / f"{name}.log"

@@ -1,9 +1,12 @@
-"""Which failures are worth a retry: network and store hiccups only, never a user or model error."""
+"""The tasks' retry policy: retry network and store hiccups only, never a user or model error."""
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 from typing import Any
+
+from prefect import task
 
 from llmadapter.errors import LLMAdapterError
 
@@ -102,3 +105,10 @@ def retry_on_transient(task: Any, task_run: Any, state: Any) -> bool:
     except Exception as exc:  # the task's own exception, re-raised by result()
         return is_transient(exc)
     return False
+
+
+# Store and hub calls are cheap to repeat and idempotent: two quick retries, on transient failures only.
+# A task overrides any of these, or adds its own options: `@transient_task(name=..., retries=3)`.
+transient_task = functools.partial(
+    task, retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_on_transient
+)

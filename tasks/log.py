@@ -9,14 +9,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from prefect import task
 from prefect.context import TaskRunContext
 from pydantic import BaseModel, ConfigDict
 
 import llmadapter
 from llmadapter.settings import configure_mlflow, get_settings
 from llmadapter.source import ResolvedSource
-from tasks._retry import retry_on_transient
+from tasks._retry import transient_task
 
 # The source that decides what a logged model is (its engine, loader, signature): hashed into the key.
 _PACKAGE_DIR = Path(llmadapter.__file__).resolve().parent
@@ -73,11 +72,9 @@ def _log_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str |
     return f"llmadapter-log-{digest}"
 
 
-@task(
+@transient_task(
     name="log",
-    retries=2,
     retry_delay_seconds=[5, 30],
-    retry_condition_fn=retry_on_transient,
     cache_key_fn=_log_cache_key,
     cache_expiration=timedelta(days=7),
     persist_result=True,
@@ -147,13 +144,7 @@ def log_model_once(
     return logged
 
 
-@task(
-    name="run-exists",
-    retries=2,
-    retry_delay_seconds=[2, 10],
-    retry_condition_fn=retry_on_transient,
-    task_run_name="check run {run_id}",
-)
+@transient_task(name="run-exists", task_run_name="check run {run_id}")
 def run_exists(run_id: str) -> bool:
     """True while the run is in the store and not deleted (deleted runs linger until garbage collection)."""
     from mlflow import MlflowClient

@@ -7,9 +7,6 @@ import ctypes
 import signal
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from types import FrameType
 
@@ -17,6 +14,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact
 
 from llmadapter.errors import LLMAdapterError
+from llmadapter.processes import stop, wait_until_ready
 from tasks.validate import artifact_key
 
 _PR_SET_PDEATHSIG = 1
@@ -45,25 +43,6 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return bool(response.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def _stop(proc: subprocess.Popen[bytes], grace_s: float = 20.0) -> None:
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 @task(name="serve", task_run_name="serve {model_uri} on {host}:{port}")
 def run_server(
     model_uri: str,
@@ -81,6 +60,8 @@ def run_server(
     logger = get_run_logger()
     command = server_command(model_uri, host, port, extra_args or [])
     logger.info("Starting: llmadapter serve %s --host %s --port %d", model_uri, host, port)
+    # Not prefect's run_process: anyio's open_process under it takes no preexec_fn, and the server must
+    # die with this process (_die_with_parent) even when no finally block gets to run.
     proc = subprocess.Popen(command, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
     previous = signal.getsignal(signal.SIGTERM)
 
@@ -95,17 +76,9 @@ def run_server(
         signal.signal(signal.SIGTERM, on_term)
     try:
         base = f"http://{host}:{port}"
-        deadline = time.monotonic() + startup_timeout_s
-        while not _ready(f"{base}/ready"):
-            if proc.poll() is not None:
-                raise LLMAdapterError(
-                    f"The server for {model_uri} exited with code {proc.returncode} at start."
-                )
-            if time.monotonic() > deadline:
-                raise LLMAdapterError(
-                    f"The server for {model_uri} was not ready after {startup_timeout_s} s."
-                )
-            time.sleep(1.0)
+        wait_until_ready(
+            proc, f"{base}/ready", what=f"The server for {model_uri}", timeout_s=startup_timeout_s
+        )
         logger.info("Serving %s at %s/v1", model_uri, base)
         create_link_artifact(
             link=f"{base}/v1",
@@ -120,7 +93,7 @@ def run_server(
             raise LLMAdapterError(f"The server for {model_uri} exited with code {code} while serving.")
         return code
     finally:
-        _stop(proc)
+        stop(proc)
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
 

@@ -17,7 +17,7 @@ from llmadapter.validation import (
     predict_samples,
     validate_model,
 )
-from tasks._retry import retry_on_transient
+from tasks._retry import transient_task
 
 
 class ValidationOptions(BaseModel):
@@ -60,7 +60,7 @@ def validate_logged_model(model_uri: str, options: ValidationOptions) -> Validat
     )
 
 
-@task(name="publish-report", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_on_transient)
+@transient_task(name="publish-report", retry_delay_seconds=5)
 def publish_report(report: ValidationReport, run_id: str, model_name: str) -> None:
     """The report on the MLflow run (JSON + markdown) and on the Prefect flow run (markdown + table)."""
     log_report(report, run_id)

@@ -133,14 +133,15 @@ def test_a_failed_report_registers_nothing(model_uri: str, name: str) -> None:
 
 def test_promote_moves_the_alias_and_records_approver_and_comment(model_uri: str, name: str) -> None:
     v1, v2 = _register(model_uri, name, revision="1" * 40), _register(model_uri, name, revision="2" * 40)
-    registry.promote(name, v1.version)
+    registry.move_alias(name, v1.version)
 
-    result = registry.promote(name, v2.version, approver="alice", comment="faster")
+    result = registry.move_alias(name, v2.version, approver="alice", comment="faster")
 
     assert (result.previous, result.version.version, result.version.aliases) == (1, 2, ["champion"])
     assert result.version.tags["approved_by"] == "alice"
     assert result.version.tags["approval_comment"] == "faster"
     assert result.version.tags["replaced_version"] == "1"
+    assert "rollback_from_version" not in result.version.tags  # a newer version: not a rollback
     assert registry.get_version(name, 1).aliases == []
     assert [v.aliases for v in registry.list_versions(name)] == [["champion"], []]
 
@@ -150,24 +151,62 @@ def test_promotion_gate_refuses_a_version_that_did_not_pass(model_uri: str, name
     mlflow.MlflowClient().set_model_version_tag(name, "1", "validation_status", "failed")
 
     with pytest.raises(ValidationFailedError, match="validation_status") as info:
-        registry.promote(name, v1.version)
+        registry.move_alias(name, v1.version)
     assert info.value.param == "version"
     assert registry.get_alias(name, "champion") is None
 
 
-def test_rollback_to_an_earlier_version_number(model_uri: str, name: str) -> None:
+def test_moving_the_alias_to_an_earlier_version_is_a_rollback(model_uri: str, name: str) -> None:
     for n in "123":
         _register(model_uri, name, revision=n * 40)
-    registry.promote(name, 3)
+    registry.move_alias(name, 3)
 
-    result = registry.rollback(name, 1, approver="bob")
+    result = registry.move_alias(name, 1, approver="bob")
 
-    assert (result.previous, result.version.version) == (3, 1)
+    assert (result.previous, result.version.version, result.version.aliases) == (3, 1, ["champion"])
     assert result.version.tags["rollback_from_version"] == "3"
+    assert result.version.tags["replaced_version"] == "3"
+    assert result.version.tags["approved_by"] == "bob"
     assert result.version.tags["approval_comment"] == "rollback from version 3"
-    with pytest.raises(ConfigError, match="earlier version") as info:
-        registry.rollback(name, 2)
-    assert info.value.param == "version"
+    forward = registry.move_alias(name, 2, approver="bob", comment="fixed")
+    assert (forward.previous, forward.version.version) == (1, 2)
+    assert "rollback_from_version" not in forward.version.tags
+
+
+@pytest.mark.parametrize(
+    ("version", "current", "comment", "expected"),
+    [
+        (1, None, None, {"approval_comment": ""}),
+        (2, 1, "faster", {"approval_comment": "faster", "replaced_version": "1"}),
+        (2, 2, None, {"approval_comment": ""}),
+        (
+            1,
+            3,
+            None,
+            {
+                "approval_comment": "rollback from version 3",
+                "replaced_version": "3",
+                "rollback_from_version": "3",
+            },
+        ),
+        (
+            1,
+            3,
+            "v3 regressed",
+            {"approval_comment": "v3 regressed", "replaced_version": "3", "rollback_from_version": "3"},
+        ),
+    ],
+    ids=["first-holder", "newer", "same-version", "older-is-a-rollback", "rollback-keeps-its-comment"],
+)
+def test_move_tags_record_what_the_move_replaced(
+    version: int, current: int | None, comment: str | None, expected: dict[str, str]
+) -> None:
+    holder = None if current is None else registry.RegisteredVersion(name="m", version=current, source="s")
+
+    tags = registry._move_tags("champion", version, holder, "alice", comment)
+
+    assert tags.pop("promoted_at")
+    assert tags == {"promoted_to": "champion", "approved_by": "alice", **expected}
 
 
 def test_unknown_model_version_and_alias(model_uri: str, name: str) -> None:

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE
-from prefect import flow, task
+from prefect import flow
 
 from llmadapter.errors import ConfigError, ModelSourceError, ValidationFailedError
-from tasks import download, log, register
-from tasks._retry import is_transient, retry_on_transient
+from tasks import download, log, register, validate
+from tasks._retry import is_transient, retry_on_transient, transient_task
 
 
 @pytest.mark.parametrize(
@@ -129,7 +130,7 @@ def test_an_error_raised_from_none_hides_its_context() -> None:
 def test_prefect_retries_transient_failures_only(error: type[Exception], calls: int) -> None:
     attempts: list[int] = []
 
-    @task(retries=2, retry_delay_seconds=0, retry_condition_fn=retry_on_transient)
+    @transient_task(retry_delay_seconds=0)
     def flaky() -> str:
         attempts.append(1)
         if len(attempts) < 3:
@@ -146,10 +147,23 @@ def test_prefect_retries_transient_failures_only(error: type[Exception], calls: 
 
 
 @pytest.mark.parametrize(
-    "prefect_task",
-    [download.download_model, download.check_latest_revision, log.log_model, register.register_model],
-    ids=["download", "latest-revision", "log", "register"],
+    ("prefect_task", "retries", "delays"),
+    [
+        (download.download_model, 3, [2, 10, 30]),
+        (download.check_latest_revision, 3, [2, 10, 30]),
+        (log.log_model, 2, [5, 30]),
+        (log.run_exists, 2, [2, 10]),
+        (register.find_registered_version, 2, [2, 10]),
+        (register.register_model, 2, [2, 10]),
+        (register.promote_version, 2, [2, 10]),
+        (validate.publish_report, 2, 5),
+    ],
+    ids=["download", "latest-revision", "log", "run-exists", "find", "register", "promote", "publish-report"],
 )
-def test_network_facing_tasks_retry_on_transient_errors(prefect_task: object) -> None:
-    assert prefect_task.retries >= 2  # type: ignore[attr-defined]
-    assert prefect_task.retry_condition_fn is retry_on_transient  # type: ignore[attr-defined]
+def test_network_facing_tasks_retry_on_transient_errors(
+    prefect_task: Any, retries: int, delays: int | list[int]
+) -> None:
+    """The policy in tasks/_retry.py, with each task's own overrides."""
+    assert prefect_task.retries == retries
+    assert prefect_task.retry_delay_seconds == delays
+    assert prefect_task.retry_condition_fn is retry_on_transient

@@ -5,10 +5,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -16,17 +14,12 @@ import pytest
 
 import llmadapter
 from llmadapter import registry
+from llmadapter.processes import free_port, running
 from llmadapter.settings import configure_mlflow
 from llmadapter.validation import CheckResult, ValidationReport
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _register_champion(tiny_gpt2: Path) -> None:
@@ -49,21 +42,7 @@ def _register_champion(tiny_gpt2: Path) -> None:
         config_hash="h",
         report=passed,
     )
-    registry.promote("tiny-serve", version.version)
-
-
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "the serve flow exited before the server was ready"
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"{url} never became ready")
+    registry.move_alias("tiny-serve", version.version)
 
 
 def test_serve_flow_serves_the_champion_until_terminated(store: str, tiny_gpt2: Path) -> None:
@@ -71,16 +50,14 @@ def test_serve_flow_serves_the_champion_until_terminated(store: str, tiny_gpt2: 
     from prefect.settings import PREFECT_API_URL
 
     _register_champion(tiny_gpt2)
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "PREFECT_API_URL": str(PREFECT_API_URL.value()),  # the harness' API: the run is recorded there
         "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
     }
     code = f"from flows.serve import serve; serve(model_name='tiny-serve', port={port})"
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env)
-    try:
-        _wait_ready(f"http://127.0.0.1:{port}/ready", proc)
+    with running([sys.executable, "-c", code], f"http://127.0.0.1:{port}/ready", env=env) as proc:
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
         answer = client.chat.completions.create(
             model="tiny-serve", messages=[{"role": "user", "content": "Hello"}], max_tokens=3
@@ -91,10 +68,6 @@ def test_serve_flow_serves_the_champion_until_terminated(store: str, tiny_gpt2: 
         # Cancelling the long-running deployment terminates its process: the server goes with it.
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     with socket.socket() as sock, pytest.raises(OSError):
         sock.connect(("127.0.0.1", port))
 
@@ -110,7 +83,7 @@ def test_a_server_that_crashes_while_serving_fails_the_run(store: str, tiny_gpt2
     from tasks.validate import artifact_key
 
     _register_champion(tiny_gpt2)
-    port = _free_port()
+    port = free_port()
     states: list[State] = []
     runner = threading.Thread(
         target=lambda: states.append(serve(model_name="tiny-serve", port=port, return_state=True))

@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +13,7 @@ import openai
 import pytest
 
 from llmadapter.cli import build_parser, main
+from llmadapter.processes import free_port, running
 from llmadapter.testing import TRAINED_ANSWER
 
 HELLO = [{"role": "user", "content": "Hello"}]
@@ -53,41 +49,6 @@ def test_bad_arguments_exit_2_before_loading(
     assert message in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextmanager
-def _process(argv: list[str], env: dict[str, str], url: str, log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """A server process, stopped with SIGINT (Ctrl-C) at the end; fails fast if it dies."""
-    with log.open("wb") as out:
-        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"{argv[0]} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(url, timeout=2).status_code < 500:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{argv[0]} did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.2)
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
 @pytest.fixture()
 def logged_chat(mlflow_store: str, trained_model: Path) -> str:
     import mlflow
@@ -105,22 +66,14 @@ def logged_chat(mlflow_store: str, trained_model: Path) -> str:
     return "models:/tiny-chat/1"
 
 
-def _wait_ready(url: str) -> None:
-    deadline = time.monotonic() + 180
-    while httpx.get(f"{url}/ready", timeout=5).status_code != 200:
-        assert time.monotonic() < deadline, "never ready"
-        time.sleep(0.2)
-
-
 @pytest.mark.slow
 def test_serve_a_registered_model_with_an_api_key(logged_chat: str, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "MY_SERVER_KEY": "sk-cli-test"}
     argv = [sys.executable, "-m", "llmadapter.cli", "serve", logged_chat, "--port", str(port)]
     argv += ["--api-key-env", "MY_SERVER_KEY", "--torch-threads", "1"]
-    with _process(argv, env, f"{url}/health", tmp_path / "serve.log") as proc:
-        _wait_ready(url)
+    with running(argv, f"{url}/ready", log=tmp_path / "serve.log", env=env) as proc:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="sk-cli-test", max_retries=0)
         assert [m.id for m in client.models.list()] == ["tiny-chat"]
         answer = client.chat.completions.create(
@@ -140,11 +93,10 @@ def test_serve_a_registered_model_with_an_api_key(logged_chat: str, tmp_path: Pa
 
 @pytest.mark.slow
 def test_served_model_uses_its_stored_model_config(logged_chat: str, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     argv = [sys.executable, "-m", "llmadapter.cli", "serve", logged_chat, "--port", str(port)]
-    with _process(argv, {**os.environ}, f"{url}/health", tmp_path / "serve.log"):
-        _wait_ready(url)
+    with running(argv, f"{url}/ready", log=tmp_path / "serve.log"):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         # Logged with model_config temperature 0 and max_tokens 12: greedy and cut at 12 tokens.
         for _ in range(2):
@@ -160,7 +112,7 @@ def test_served_model_uses_its_stored_model_config(logged_chat: str, tmp_path: P
 
 @pytest.mark.slow
 def test_serve_exits_1_when_a_model_cannot_load(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     argv = [sys.executable, "-m", "llmadapter.cli", "serve", str(tmp_path / "missing"), "--port", str(port)]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=180, env={**os.environ})
     assert result.returncode == 1
@@ -179,7 +131,7 @@ def _comparable(answer: Any) -> Any:
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_invocations_like_our_server(logged_chat: str, tmp_path: Path) -> None:
     """`mlflow models serve` runs our pyfunc; our /invocations gives the same answers for the same bodies."""
-    ours_port, mlflow_port = _free_port(), _free_port()
+    ours_port, mlflow_port = free_port(), free_port()
     ours_url, mlflow_url = f"http://127.0.0.1:{ours_port}", f"http://127.0.0.1:{mlflow_port}"
     # `mlflow models serve` execs `uvicorn` by name, so it needs the virtualenv's bin on PATH, as a user
     # who activated it has (CI runs `.venv/bin/pytest` without activating anything).
@@ -202,10 +154,9 @@ def test_mlflow_models_serve_answers_invocations_like_our_server(logged_chat: st
         {"inputs": {"messages": HELLO, "max_tokens": 6, "temperature": 0}},
     ]
     with (
-        _process(theirs, env, f"{mlflow_url}/ping", tmp_path / "mlflow.log"),
-        _process(ours, env, f"{ours_url}/health", tmp_path / "ours.log"),
+        running(theirs, f"{mlflow_url}/ping", log=tmp_path / "mlflow.log", env=env),
+        running(ours, f"{ours_url}/ready", log=tmp_path / "ours.log", env=env),
     ):
-        _wait_ready(ours_url)
         for body in bodies:
             expected = httpx.post(f"{mlflow_url}/invocations", json=body, timeout=120)
             got = httpx.post(f"{ours_url}/invocations", json=body, timeout=120)
