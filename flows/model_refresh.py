@@ -1,4 +1,4 @@
-"""Flow `model-refresh`: keep each configured model registered at its upstream revision (log-and-validate)."""
+"""Flow `model-refresh`: for each configured model, re-run log-and-validate when upstream moved."""
 
 from __future__ import annotations
 
@@ -6,12 +6,14 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel
 
-from flows._params import ModelSpec
+from flows._params import ModelSpec, config_dict
 from flows.log_and_validate import log_and_validate
 from llmadapter.errors import LLMAdapterError
+from llmadapter.registry import config_hash
 from llmadapter.settings import configure_mlflow
 from llmadapter.source import parse_source
 from tasks.download import check_latest_revision
+from tasks.register import find_registered_version
 
 
 class RefreshOutcome(BaseModel):
@@ -25,9 +27,7 @@ class RefreshOutcome(BaseModel):
 
 @flow(name="model-refresh", log_prints=True)
 def model_refresh(models: list[ModelSpec]) -> list[RefreshOutcome]:
-    """Check each model's upstream revision and run log-and-validate (a subflow) pinned to it.
-
-    The subflow reuses the version already registered from that revision and config ("up to date").
+    """Check each model's upstream revision; run log-and-validate (a subflow) only where it changed.
 
     Args:
         models: The models to keep registered: source, task, model_name, revision (branch) and config.
@@ -64,9 +64,10 @@ def model_refresh(models: list[ModelSpec]) -> list[RefreshOutcome]:
 
 
 def _refresh_one(spec: ModelSpec) -> RefreshOutcome:
-    """Run log-and-validate for one model at its upstream revision; it reuses a version registered from it."""
+    """Check one model's upstream revision and run log-and-validate for it when it moved."""
     logger = get_run_logger()
     name = spec.registered_name()
+    model_config = config_dict(spec.task, spec.config)
     latest = check_latest_revision(spec.source, spec.revision)
     if latest is None:
         logger.warning(
@@ -75,7 +76,16 @@ def _refresh_one(spec: ModelSpec) -> RefreshOutcome:
         return RefreshOutcome(
             model_name=name, source=spec.source, latest_revision=None, outcome="unknown upstream"
         )
-    result = log_and_validate(
+    existing = find_registered_version(name, latest, spec.task, config_hash(spec.task, model_config))
+    if existing is not None:
+        logger.info(
+            "%s is up to date: version %d holds %s at %s.", name, existing.version, spec.source, latest
+        )
+        return RefreshOutcome(
+            model_name=name, source=spec.source, latest_revision=latest, outcome="up to date"
+        )
+    logger.info("%s: %s moved to %s; running log-and-validate.", name, spec.source, latest)
+    state = log_and_validate(
         source=spec.source,
         task=spec.task,
         model_name=name,
@@ -84,12 +94,9 @@ def _refresh_one(spec: ModelSpec) -> RefreshOutcome:
         config=spec.config,
         save_pretrained=spec.save_pretrained,
         validation=spec.validation,
+        return_state=True,
     )
-    if result.created:
-        logger.info("%s: %s moved to %s; registered version %d.", name, spec.source, latest, result.version)
-    else:
-        logger.info("%s is up to date: version %d holds %s at %s.", name, result.version, spec.source, latest)
-    outcome = f"registered v{result.version}" if result.created else "up to date"
+    outcome = f"registered v{state.result().version}" if state.is_completed() else f"failed: {state.message}"
     return RefreshOutcome(model_name=name, source=spec.source, latest_revision=latest, outcome=outcome)
 
 
