@@ -207,3 +207,19 @@ def test_persist_weights_copies_a_hub_reference_into_the_artifact(
         {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
     )
     assert answer["object"] == "chat.completion"
+
+
+# Values computed by the config hash as it stood before the digest moved onto the config models:
+# versions users registered with them must still be found (and reused) after the change.
+PINNED_CONFIG_HASHES = [
+    ("llm/v1/chat", {}, "fb49cd7d5feee3ee"),
+    ("llm/v1/completions", {}, "fb49cd7d5feee3ee"),
+    ("llm/v1/chat", {"temperature": 0.2, "stop": "END", "seed": 7}, "9f75da4c70d4d04f"),
+    ("llm/v1/embeddings", {}, "a0db923185c06181"),
+    ("llm/v1/embeddings", {"dimensions": 128}, "167a82ff453c5250"),
+]
+
+
+@pytest.mark.parametrize(("task", "data", "expected"), PINNED_CONFIG_HASHES)
+def test_config_hash_values_are_pinned(task: str, data: dict, expected: str) -> None:
+    assert registry.config_hash(task, data) == expected
