@@ -4,26 +4,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from llmadapter.catalog import CHAT, COMPLETIONS, EMBEDDINGS
-from llmadapter.config import EmbeddingsConfig, ModelConfig, parse_model_config
+from llmadapter.catalog import LLMTask, get_task
+from llmadapter.config import TaskConfig
 from tasks.validate import ValidationOptions
-
-LLMTask = Literal["llm/v1/chat", "llm/v1/completions", "llm/v1/embeddings"]
-# Either config shape; the flow re-validates it for the chosen task (unknown keys are refused).
-ModelDefaults = ModelConfig | EmbeddingsConfig
-
-_TASK_SUFFIX = {CHAT: "chat", COMPLETIONS: "completions", EMBEDDINGS: "embeddings"}
-
-
-def config_dict(task: str, config: ModelDefaults | dict[str, Any] | None) -> dict[str, Any]:
-    """The model_config for `task` as a plain dict of the keys the user set (validated for the task)."""
-    data = config.model_dump(exclude_unset=True) if isinstance(config, BaseModel) else dict(config or {})
-    parse_model_config(task, data)
-    return data
 
 
 def default_model_name(source: str, task: str) -> str:
@@ -31,7 +18,7 @@ def default_model_name(source: str, task: str) -> str:
     base = source.split("@")[0].rstrip("/")
     stem = Path(base).stem if base.lower().endswith(".gguf") else base.split("/")[-1]
     slug = re.sub(r"[^a-z0-9]+", "-", stem.lower()).strip("-") or "model"
-    return f"{slug}-{_TASK_SUFFIX.get(task, 'model')}"
+    return f"{slug}-{get_task(task).name_suffix}"
 
 
 class ModelSpec(BaseModel):
@@ -43,7 +30,8 @@ class ModelSpec(BaseModel):
     task: LLMTask = "llm/v1/chat"
     model_name: str | None = Field(default=None, description="Registered model name (default from source).")
     revision: str | None = Field(default=None, description="Branch or tag to follow (default: main).")
-    config: ModelDefaults | None = Field(default=None, description="model_config: request defaults.")
+    # Either config model: the flows validate it for `task` (TaskSpec.parse_config).
+    config: TaskConfig | None = Field(default=None, description="model_config: request defaults.")
     save_pretrained: bool = True
     validation: ValidationOptions = Field(default_factory=ValidationOptions)
 
