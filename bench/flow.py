@@ -83,9 +83,10 @@ def _plain(model_dir: str, fresh_process: bool) -> dict[str, float]:
     times["download"] = time.perf_counter() - start
     start = time.perf_counter()
     configure_mlflow()
+    config = llmadapter.ModelConfig(temperature=0.7)
     with mlflow.start_run() as run:
         info = llmadapter.log_model(
-            str(resolved.local_dir), name="model", task="llm/v1/chat", model_config={"temperature": 0.7}
+            str(resolved.local_dir), name="model", task="llm/v1/chat", model_config=config
         )
     times["log"] = time.perf_counter() - start
     start = time.perf_counter()
@@ -93,14 +94,13 @@ def _plain(model_dir: str, fresh_process: bool) -> dict[str, float]:
     log_report(report, run.info.run_id)
     times["validate"] = time.perf_counter() - start
     start = time.perf_counter()
-    chash = registry.config_hash("llm/v1/chat", {"temperature": 0.7})
     version, _ = registry.register_version(
         info.model_uri,
         "bench-plain",
         source=model_dir,
         revision=resolved.revision,
         task="llm/v1/chat",
-        config_hash=chash,
+        config_hash=config.digest(),
         report=report,
     )
     registry.set_alias("bench-plain", "challenger", version.version)

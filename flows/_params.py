@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from llmadapter.catalog import get_task
-from llmadapter.config import EmbeddingsConfig, ModelConfig, parse_model_config
+from llmadapter.catalog import LLMTask, get_task
+from llmadapter.config import TaskConfig
 from llmadapter.errors import ModelSourceError
 from llmadapter.source import parse_source
 from tasks.validate import ValidationOptions
-
-LLMTask = Literal["llm/v1/chat", "llm/v1/completions", "llm/v1/embeddings"]
-# Either config shape; the flow re-validates it for the chosen task (unknown keys are refused).
-ModelDefaults = ModelConfig | EmbeddingsConfig
-
-
-def config_dict(task: str, config: ModelDefaults | dict[str, Any] | None) -> dict[str, Any]:
-    """The model_config for `task` as a plain dict of the keys the user set (validated for the task)."""
-    data = config.model_dump(exclude_unset=True) if isinstance(config, BaseModel) else dict(config or {})
-    parse_model_config(task, data)
-    return data
 
 
 def default_model_name(source: str, task: str) -> str:
@@ -45,7 +34,8 @@ class ModelSpec(BaseModel):
     task: LLMTask = "llm/v1/chat"
     model_name: str | None = Field(default=None, description="Registered model name (default from source).")
     revision: str | None = Field(default=None, description="Branch or tag to follow (default: main).")
-    config: ModelDefaults | None = Field(default=None, description="model_config: request defaults.")
+    # Either config model: the flows validate it for `task` (TaskSpec.parse_config).
+    config: TaskConfig | None = Field(default=None, description="model_config: request defaults.")
     save_pretrained: bool = True
     validation: ValidationOptions = Field(default_factory=ValidationOptions)
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows._params import LLMTask, LogAndValidateResult, ModelDefaults, config_dict, default_model_name
-from llmadapter.registry import CHALLENGER, CHAMPION, config_hash
+from flows._params import LogAndValidateResult, default_model_name
+from llmadapter.catalog import LLMTask, get_task
+from llmadapter.config import TaskConfig
+from llmadapter.registry import CHALLENGER, CHAMPION
 from llmadapter.settings import configure_mlflow
 from llmadapter.validation import raise_for_report
 from tasks.download import download_model
@@ -21,7 +23,7 @@ def log_and_validate(
     task: LLMTask = "llm/v1/chat",
     model_name: str | None = None,
     revision: str | None = None,
-    config: ModelDefaults | None = None,
+    config: TaskConfig | None = None,
     save_pretrained: bool = True,
     validation: ValidationOptions = ValidationOptions(),
     promote: bool = False,
@@ -40,8 +42,9 @@ def log_and_validate(
     """
     logger = get_run_logger()
     configure_mlflow()
-    model_config = config_dict(task, config)
-    chash = config_hash(task, model_config)
+    # Validated once, for the task; the typed config travels on to llmadapter.log_model.
+    model_config = get_task(task).parse_config(config)
+    chash = model_config.digest()
 
     resolved = download_model(source, revision)
     name = model_name or default_model_name(source, task)
@@ -57,7 +60,7 @@ def log_and_validate(
         created = False
         summary = f"reused; validation {version.tags.get('validation_status', 'unknown')}"
     else:
-        logged = log_model_once(resolved, task, model_config, chash, save_pretrained, run_name=name)
+        logged = log_model_once(resolved, task, model_config, save_pretrained, run_name=name)
         report = validate_logged_model(logged.model_uri, validation)
         publish_report(report, logged.run_id, name)
         logger.info("Validation of %s: %s", logged.model_uri, report.summary())

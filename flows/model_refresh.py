@@ -6,10 +6,10 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel
 
-from flows._params import ModelSpec, config_dict
+from flows._params import ModelSpec
 from flows.log_and_validate import log_and_validate
+from llmadapter.catalog import get_task
 from llmadapter.errors import LLMAdapterError
-from llmadapter.registry import config_hash
 from llmadapter.settings import configure_mlflow
 from llmadapter.source import parse_source
 from tasks.download import check_latest_revision
@@ -67,7 +67,7 @@ def _refresh_one(spec: ModelSpec) -> RefreshOutcome:
     """Check one model's upstream revision and run log-and-validate for it when it moved."""
     logger = get_run_logger()
     name = spec.registered_name()
-    model_config = config_dict(spec.task, spec.config)
+    model_config = get_task(spec.task).parse_config(spec.config)
     latest = check_latest_revision(spec.source, spec.revision)
     if latest is None:
         logger.warning(
@@ -76,7 +76,7 @@ def _refresh_one(spec: ModelSpec) -> RefreshOutcome:
         return RefreshOutcome(
             model_name=name, source=spec.source, latest_revision=None, outcome="unknown upstream"
         )
-    existing = find_registered_version(name, latest, spec.task, config_hash(spec.task, model_config))
+    existing = find_registered_version(name, latest, spec.task, model_config.digest())
     if existing is not None:
         logger.info(
             "%s is up to date: version %d holds %s at %s.", name, existing.version, spec.source, latest
@@ -91,7 +91,7 @@ def _refresh_one(spec: ModelSpec) -> RefreshOutcome:
         model_name=name,
         # Pinned to what was just seen upstream, so the subflow logs exactly that commit.
         revision=latest if _is_hub_branch(spec) else spec.revision,
-        config=spec.config,
+        config=model_config,
         save_pretrained=spec.save_pretrained,
         validation=spec.validation,
         return_state=True,

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final, Literal
 
-from llmadapter.config import EmbeddingsConfig, ModelConfig, validate_config
+from llmadapter.config import EmbeddingsConfig, ModelConfig, StoredConfig, TaskConfig, validate_config
 from llmadapter.errors import ConfigError
 from llmadapter.protocol import (
     ChatCompletionChunk,
@@ -19,11 +19,16 @@ from llmadapter.protocol import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from mlflow.models import ModelSignature
 
-CHAT = "llm/v1/chat"
-COMPLETIONS = "llm/v1/completions"
-EMBEDDINGS = "llm/v1/embeddings"
+# The llm/v1 tasks, spelled as a Literal for typed parameters (the Prefect UI renders it as a choice);
+# mypy holds each constant to it, and tests/test_catalog.py holds it to the catalog's keys.
+LLMTask = Literal["llm/v1/chat", "llm/v1/completions", "llm/v1/embeddings"]
+CHAT: Final[LLMTask] = "llm/v1/chat"
+COMPLETIONS: Final[LLMTask] = "llm/v1/completions"
+EMBEDDINGS: Final[LLMTask] = "llm/v1/embeddings"
 
 # (name, mlflow type) of the optional request fields our engine accepts beyond MLflow's own schema.
 # MLflow's schema enforcement drops any field a signature lacks, so these must be declared.
@@ -73,6 +78,8 @@ class TaskSpec:
     route: str  # the OpenAI route that answers it
     name_suffix: str  # appended to default registered model names
     extra_fields: tuple[tuple[str, str], ...]
+    needs_chat_template: bool = False  # refused at log time when the tokenizer has none
+    requirements: tuple[str, ...] = ()  # pip packages a logged model needs beyond the common ones
 
     @property
     def default_native_task(self) -> str:
@@ -82,8 +89,9 @@ class TaskSpec:
     def is_generation(self) -> bool:
         return self.chunk_model is not None
 
-    def parse_config(self, data: Any) -> ModelConfig | EmbeddingsConfig:
-        """Validate a model_config mapping for this task (unknown keys and bad values raise ConfigError)."""
+    def parse_config(self, data: Mapping[str, Any] | StoredConfig | None) -> TaskConfig:
+        """This task's model_config from a mapping or a config model (unknown keys and bad values raise
+        ConfigError); one already of this task's config model is returned unchanged."""
         return validate_config(self.config_model, data)
 
 
@@ -98,6 +106,7 @@ CATALOG: dict[str, TaskSpec] = {
         route="/v1/chat/completions",
         name_suffix="chat",
         extra_fields=_CHAT_EXTRA,
+        needs_chat_template=True,
     ),
     COMPLETIONS: TaskSpec(
         inference_task=COMPLETIONS,
@@ -120,6 +129,7 @@ CATALOG: dict[str, TaskSpec] = {
         route="/v1/embeddings",
         name_suffix="embeddings",
         extra_fields=_EMBEDDINGS_EXTRA,
+        requirements=("sentence-transformers",),
     ),
 }
 
@@ -156,14 +166,22 @@ def resolve_task(task: str | None, native_task: str | None) -> tuple[str, TaskSp
         raise ConfigError(
             f"task='{task}' does not match the pipeline's own task '{native_task}'.", param="task"
         )
-    for spec in (CATALOG[CHAT], CATALOG[EMBEDDINGS]):
-        if native in spec.native_tasks:
-            return native, spec
+    answered = spec_of(native)
+    if answered is not None:
+        return native, answered
     raise ConfigError(
         f"Pipeline task '{native}' has no llm/v1 interface; supported: text-generation "
         "(llm/v1/chat, llm/v1/completions) and feature-extraction (llm/v1/embeddings).",
         param="task",
     )
+
+
+def spec_of(task: str) -> TaskSpec | None:
+    """The spec an llm/v1 task stands for, or the one a native pipeline task answers by default
+    (text-generation: chat, feature-extraction: embeddings); None for anything else."""
+    if task in CATALOG:
+        return CATALOG[task]
+    return next((spec for spec in CATALOG.values() if task in spec.native_tasks), None)
 
 
 def _extra_colspec(name: str, kind: str) -> Any:

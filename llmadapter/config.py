@@ -1,17 +1,20 @@
-"""Persisted model_config (validated at log time) and the merged per-request generation parameters.
+"""Persisted model_config (validated at log time, with its registry digest) and the merged per-request
+generation parameters.
 
 Merge order: OpenAI defaults < model_config < request.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeAlias, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from llmadapter.errors import ConfigError
+from llmadapter.errors import ConfigError, first_error
 
 # OpenAI's documented defaults, applied explicitly so that a pipeline's own generation_config
 # (transformers 5 samples with temperature 0.7 by default) never leaks into answers.
@@ -28,10 +31,23 @@ DEFAULT_MAX_TOKENS = 256
 GREEDY_BELOW = 1e-5
 
 
-class ModelConfig(BaseModel):
-    """Defaults for chat and completions requests, stored with the model; every request may override."""
+class StoredConfig(BaseModel):
+    """What every task's model_config shares: unknown keys refused, immutable, and a registry digest."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def digest(self) -> str:
+        """A short stable hash of every value, defaults filled in (so {} and the defaults agree).
+
+        The registry's `model_config_hash` tag. The task is not part of it: the registry keys versions
+        on the task tag beside it, and chat and completions share one config model.
+        """
+        payload = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+class ModelConfig(StoredConfig):
+    """Defaults for chat and completions requests, stored with the model; every request may override."""
 
     temperature: Annotated[float, Field(ge=0.0, le=2.0, description="Sampling temperature; 0 is greedy.")] = (
         1.0
@@ -65,10 +81,8 @@ class ModelConfig(BaseModel):
         return value
 
 
-class EmbeddingsConfig(BaseModel):
+class EmbeddingsConfig(StoredConfig):
     """Defaults for embeddings requests, stored with the model."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     dimensions: Annotated[int | None, Field(ge=1, description="Truncate vectors to this size.")] = None
     encoding_format: Literal["float", "base64"] = "float"
@@ -79,38 +93,50 @@ class EmbeddingsConfig(BaseModel):
     max_batch_size: Annotated[int, Field(ge=1, le=4096, description="Texts per forward pass.")] = 64
 
 
-ConfigT = TypeVar("ConfigT", bound=BaseModel)
+# A model_config validated for its task (the catalog's TaskSpec.config_model says which).
+TaskConfig: TypeAlias = ModelConfig | EmbeddingsConfig
+ConfigT = TypeVar("ConfigT", bound=StoredConfig)
 
 
-def _config_error(exc: ValidationError, what: str) -> ConfigError:
-    first = exc.errors()[0]
-    key = ".".join(str(p) for p in first.get("loc", ())) or None
-    if first.get("type") == "extra_forbidden":
-        return ConfigError(f"Unknown {what} key '{key}'.", param=key)
-    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    return ConfigError(f"Invalid {what} value for '{key}': {msg}.", param=key)
+def validate_config(cls: type[ConfigT], data: Mapping[str, Any] | StoredConfig | None) -> ConfigT:
+    """Validate a model_config as `cls`; unknown keys and out-of-range values raise ConfigError.
 
-
-def validate_config(cls: type[ConfigT], data: Any) -> ConfigT:
-    """Validate a model_config mapping as `cls`; unknown keys and out-of-range values raise ConfigError.
-
+    An instance of `cls` is returned as it is (validated when it was made). Another task's config counts
+    as the keys set on it: a Prefect parameter typed as either config may hold the other one.
     The catalog calls this with the task's config model (`TaskSpec.parse_config`).
     """
     if isinstance(data, cls):
         return data
+    if isinstance(data, StoredConfig):
+        data = data.model_dump(exclude_unset=True)
     if data is not None and not isinstance(data, Mapping):
         raise ConfigError(f"model_config must be a mapping, got {type(data).__name__}.", param="model_config")
     try:
         return cls.model_validate(dict(data or {}))
     except ValidationError as exc:
-        raise _config_error(exc, "model_config") from None
+        first = first_error(exc)
+        key = first.where or None
+        if first.kind == "extra_forbidden":
+            raise ConfigError(f"Unknown model_config key '{key}'.", param=key) from None
+        raise ConfigError(f"Invalid model_config value for '{key}': {first.message}.", param=key) from None
 
 
-def parse_model_config(inference_task: str, data: Mapping[str, Any] | None) -> ModelConfig | EmbeddingsConfig:
-    """Validate a user's model_config for an llm/v1 task (see TaskSpec.parse_config)."""
-    from llmadapter.catalog import get_task
+# Where an artifact's python_function flavor holds its model_config: MLflow's key (save_model writes
+# it through mlflow.transformers.save_model), then the one the first llmadapter versions read.
+_STORED_CONFIG_KEYS = ("config", "model_config")
 
-    return get_task(inference_task).parse_config(data)
+
+def stored_config(config: StoredConfig) -> dict[str, Any] | None:
+    """The model_config as an artifact stores it: the values that differ from the defaults."""
+    return config.model_dump(exclude_defaults=True) or None
+
+
+def read_stored_config(
+    cls: type[ConfigT], pyfunc_conf: Mapping[str, Any], overrides: Mapping[str, Any] | None = None
+) -> ConfigT:
+    """The model_config an artifact stored (see stored_config) with `overrides` on top, as `cls`."""
+    stored: Mapping[str, Any] = next((pyfunc_conf[k] for k in _STORED_CONFIG_KEYS if pyfunc_conf.get(k)), {})
+    return validate_config(cls, {**stored, **(overrides or {})})
 
 
 @dataclass(frozen=True)

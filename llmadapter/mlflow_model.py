@@ -11,19 +11,25 @@ import contextlib
 import json
 import logging
 import os
-import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
-from llmadapter.catalog import CHAT, EMBEDDINGS, TaskSpec, build_signature, get_task, resolve_task
-from llmadapter.config import EmbeddingsConfig, ModelConfig, parse_model_config
+from llmadapter.catalog import TaskSpec, build_signature, get_task, resolve_task, spec_of
+from llmadapter.config import (
+    EmbeddingsConfig,
+    ModelConfig,
+    StoredConfig,
+    read_stored_config,
+    stored_config,
+)
 from llmadapter.errors import ConfigError, LLMAdapterError
-from llmadapter.names import served_name
+from llmadapter.names import registered_name
 from llmadapter.pyfunc import LLMAdapterPyfunc
 
 if TYPE_CHECKING:
+    from mlflow.models import Model
     from mlflow.models.model import ModelInfo
 
     from llmadapter.engine.base import Engine
@@ -53,12 +59,10 @@ _REQUIREMENT_PACKAGES = (
 
 
 def default_pip_requirements(inference_task: str | None = None) -> list[str]:
-    """Pinned requirements of a logged model; never torchvision."""
+    """Pinned requirements of a logged model, with its task's own (TaskSpec.requirements); no torchvision."""
+    spec = spec_of(inference_task) if inference_task else None
     reqs = []
-    packages = list(_REQUIREMENT_PACKAGES)
-    if inference_task == EMBEDDINGS:
-        packages.append("sentence-transformers")
-    for name in packages:
+    for name in (*_REQUIREMENT_PACKAGES, *(spec.requirements if spec else ())):
         try:
             version = importlib_metadata.version(name).split("+")[0]  # torch 2.13.0+cpu -> 2.13.0
         except importlib_metadata.PackageNotFoundError:
@@ -72,16 +76,48 @@ def default_pip_requirements(inference_task: str | None = None) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
+class SaveOptions(TypedDict, total=False):
+    """The keyword arguments of save_model, which log_model passes on (unexplained ones: as in MLflow)."""
+
+    # An llm/v1 task, or a native one (text-generation: chat, feature-extraction: embeddings).
+    # Needed for a source (hub id org/name@revision, local folder, .gguf file).
+    task: str | None
+    # Request defaults, a mapping or the task's config model; validated now (bad keys raise ConfigError).
+    model_config: Mapping[str, Any] | StoredConfig | None
+    input_example: Any
+    # Default: MLflow's llm/v1 signature plus every engine parameter; one given must keep MLflow's fields.
+    signature: Any
+    # Default True. False stores the hub repo id and commit sha of the loaded snapshot (read locally,
+    # nothing asked of the hub) and the tokenizer instead of the weights.
+    save_pretrained: bool
+    pip_requirements: list[str] | str | None  # default: default_pip_requirements(task)
+    extra_pip_requirements: list[str] | str | None
+    metadata: dict[str, Any] | None
+    code_paths: list[str] | None
+    # The `model` of responses (default: the hub id or a given name; log_model: the registered name).
+    served_model_name: str | None
+    native_pyfunc: bool  # default False; True keeps MLflow's own llm/v1 pyfunc (for comparison only)
+    torch_dtype: Any
+
+
+class LogOptions(SaveOptions, total=False):
+    """save_model's keyword arguments, and the ones of MLflow's Model.log that log_model passes on."""
+
+    run_id: str | None
+    params: dict[str, Any] | None
+    tags: dict[str, Any] | None
+    model_type: str | None
+    step: int
+    model_id: str | None
+    resources: Any
+    auth_policy: Any
+    prompts: Any
+
+
 def _is_pipeline(obj: Any) -> bool:
     import transformers
 
     return isinstance(obj, transformers.Pipeline)
-
-
-def _native_task_of(transformers_model: Any) -> str | None:
-    if _is_pipeline(transformers_model):
-        return str(transformers_model.task)
-    return None
 
 
 def _hub_reference(pipe: Any, source: ResolvedSource | None) -> tuple[str, str] | None:
@@ -153,38 +189,30 @@ def save_model(
     transformers_model: Any,
     path: str | os.PathLike[str],
     *,
-    task: str | None = None,
-    model_config: Mapping[str, Any] | None = None,
-    input_example: Any = None,
-    signature: Any = None,
-    save_pretrained: bool = True,
-    pip_requirements: list[str] | str | None = None,
-    extra_pip_requirements: list[str] | str | None = None,
-    metadata: dict[str, Any] | None = None,
-    code_paths: list[str] | None = None,
-    mlflow_model: Any = None,
-    served_model_name: str | None = None,
-    native_pyfunc: bool = False,
-    torch_dtype: Any = None,
+    mlflow_model: Model | None = None,
+    **options: Unpack[SaveOptions],
 ) -> None:
     """Write an llm/v1 model: MLflow's Transformers-flavor layout, answered by llmadapter's engine.
 
-    transformers_model: a transformers Pipeline, a dict of pipeline components, a local model folder,
-        or (for llm/v1/embeddings) a sentence-transformers model.
-    task: an llm/v1 task, or a native pipeline task (chat for text-generation, embeddings for
-        feature-extraction). Required for a local folder.
-    model_config: request defaults (validated now: unknown keys and out-of-range values raise).
-    save_pretrained: False stores a reference to the hub repo id and commit sha of the loaded snapshot
-        (read locally; nothing is asked of the hub) plus the tokenizer, instead of the weights.
-    native_pyfunc: keep MLflow's own llm/v1 pyfunc and signature (for comparison only).
+    transformers_model: a transformers Pipeline, a dict of pipeline components, a source (hub id
+        org/name@revision, local model folder, .gguf file), or (for llm/v1/embeddings) a
+        sentence-transformers model.
+    options: task, model_config, save_pretrained, served_model_name, ... (see SaveOptions).
     """
     import mlflow.transformers
     from mlflow.models import Model
 
+    unknown = sorted(set(options) - SaveOptions.__optional_keys__)  # mypy checks them; a typo fails here
+    if unknown:
+        raise TypeError(f"save_model() got unexpected keyword arguments: {', '.join(unknown)}")
+    task = options.get("task")
+    save_pretrained = options.get("save_pretrained", True)
+    native_pyfunc = options.get("native_pyfunc", False)
+    signature = options.get("signature")
     pipe, pooling, native, source = _as_pipeline(transformers_model, task)
     native_task, spec = resolve_task(task, native)
-    config = parse_model_config(spec.inference_task, model_config)
-    if spec.inference_task == CHAT:
+    config = spec.parse_config(options.get("model_config"))
+    if spec.needs_chat_template:
         _check_chat_template(pipe.tokenizer)
     if signature is not None and not native_pyfunc:
         _check_signature(signature, spec)
@@ -198,25 +226,24 @@ def save_model(
         )
     mlflow_model = mlflow_model if mlflow_model is not None else Model()
     path = Path(path).absolute()
-    reqs = pip_requirements if pip_requirements is not None else default_pip_requirements(spec.inference_task)
+    reqs = options.get("pip_requirements")
     # Our code travels with the model so a fresh environment loads the same engine.
-    user_code = [*(code_paths or []), *([] if native_pyfunc else [str(_PACKAGE_DIR)])]
-    stored_config = {k: v for k, v in config.model_dump(exclude_defaults=True).items()}
+    user_code = [*(options.get("code_paths") or []), *([] if native_pyfunc else [str(_PACKAGE_DIR)])]
     with _pinned_commit(*hub) if hub and not save_pretrained else contextlib.nullcontext():
         mlflow.transformers.save_model(
             transformers_model=pipe,
             path=str(path),
             task=spec.inference_task,
             mlflow_model=mlflow_model,
-            input_example=input_example,
-            pip_requirements=reqs,
-            extra_pip_requirements=extra_pip_requirements,
-            metadata=metadata,
+            input_example=options.get("input_example"),
+            pip_requirements=reqs if reqs is not None else default_pip_requirements(spec.inference_task),
+            extra_pip_requirements=options.get("extra_pip_requirements"),
+            metadata=options.get("metadata"),
             code_paths=user_code,
-            model_config=stored_config or None,
+            model_config=stored_config(config),
             save_pretrained=save_pretrained,
             model_card=_local_model_card(pipe),
-            torch_dtype=torch_dtype,
+            torch_dtype=options.get("torch_dtype"),
         )
     if native_pyfunc:
         return
@@ -231,7 +258,7 @@ def save_model(
     info = {
         "inference_task": spec.inference_task,
         "native_task": native_task,
-        "served_model_name": served_model_name or _served_name(pipe, hub, source, path.name),
+        "served_model_name": options.get("served_model_name") or _served_name(pipe, hub, source, path.name),
         "source": source.source if source else None,
         "source_kind": source.kind if source else ("hub" if hub else None),
         "source_repo": hub[0] if hub else None,
@@ -286,11 +313,10 @@ def _as_pipeline(obj: Any, task: str | None) -> tuple[Any, Any, str | None, Reso
         else:
             log.info("Logging %s: its weights are copied into the MLflow artifact.", source.local_dir)
             obj = {"model": str(source.local_dir)}
-    if (
-        task == EMBEDDINGS
-        or _is_sentence_transformer(obj)
-        or (_is_pipeline(obj) and obj.task in get_task(EMBEDDINGS).native_tasks)
-    ):
+    # An embeddings model when the task asks for one or the model is one (the pooling comes with it).
+    asked = spec_of(task) if task is not None else None
+    own = spec_of(str(obj.task)) if _is_pipeline(obj) else None
+    if _is_sentence_transformer(obj) or any(s is not None and not s.is_generation for s in (asked, own)):
         from llmadapter.engine.embeddings import prepare_embedding_model
 
         if isinstance(obj, dict):
@@ -302,10 +328,8 @@ def _as_pipeline(obj: Any, task: str | None) -> tuple[Any, Any, str | None, Reso
     if isinstance(obj, dict):
         if "model" not in obj:
             raise ConfigError("A dict of components needs a 'model' entry.", param="transformers_model")
-        if task is None:
-            native = None
-        else:
-            native = get_task(task).default_native_task if task.startswith("llm/v1") else task
+        # Built for the native task the requested one runs on (no task: the model's own).
+        native = resolve_task(task, None)[0] if task is not None else None
         pipe = transformers.pipeline(task=native, **obj)
         return pipe, None, str(pipe.task), source
     raise ConfigError(
@@ -320,48 +344,44 @@ def _is_sentence_transformer(obj: Any) -> bool:
     return type(obj).__name__ == "SentenceTransformer" and "sentence_transformers" in type(obj).__module__
 
 
+class _SavingFlavor:
+    """The flavor log_model hands Model.log: this module's save_model, with the model_config bound.
+
+    Model.log passes its `model_config` keyword both to the flavor's save_model and to the run's params,
+    which take a plain mapping only; bound here, a typed config reaches save_model as it is.
+    """
+
+    def __init__(self, model_config: Mapping[str, Any] | StoredConfig | None) -> None:
+        self.__name__ = __name__  # Model.log names the logged model's flavor after it: this module
+        self.model_config = model_config
+
+    def save_model(self, **kwargs: Any) -> None:
+        save_model(**{**kwargs, "model_config": self.model_config})
+
+
 def log_model(
     transformers_model: Any,
     name: str | None = None,
     *,
-    task: str | None = None,
-    model_config: Mapping[str, Any] | None = None,
-    input_example: Any = None,
-    signature: Any = None,
-    save_pretrained: bool = True,
     registered_model_name: str | None = None,
-    pip_requirements: list[str] | str | None = None,
-    extra_pip_requirements: list[str] | str | None = None,
-    metadata: dict[str, Any] | None = None,
-    code_paths: list[str] | None = None,
-    served_model_name: str | None = None,
-    native_pyfunc: bool = False,
     await_registration_for: int = 300,
-    **log_kwargs: Any,
+    **options: Unpack[LogOptions],
 ) -> ModelInfo:
-    """Log an llm/v1 model to the active MLflow run (see save_model for the arguments)."""
+    """Log an llm/v1 model to the active MLflow run (options: see SaveOptions, and MLflow's Model.log)."""
     from mlflow.models import Model
 
+    config = options.pop("model_config", None)
+    # Responses name the model as clients know it: the registered name when there is one.
+    options["served_model_name"] = options.get("served_model_name") or registered_model_name
     return Model.log(
         artifact_path=None,
         name=name or "model",
-        flavor=sys.modules[__name__],
+        flavor=_SavingFlavor(config),
         registered_model_name=registered_model_name,
         await_registration_for=await_registration_for,
-        metadata=metadata,
         transformers_model=transformers_model,
-        task=task,
-        model_config=model_config,
-        input_example=input_example,
-        signature=signature,
-        save_pretrained=save_pretrained,
-        pip_requirements=pip_requirements,
-        extra_pip_requirements=extra_pip_requirements,
-        code_paths=code_paths,
-        # Responses name the model as clients know it: the registered name when there is one.
-        served_model_name=served_model_name or registered_model_name,
-        native_pyfunc=native_pyfunc,
-        **log_kwargs,
+        model_config=config.model_dump(exclude_unset=True) if isinstance(config, StoredConfig) else config,
+        **options,
     )
 
 
@@ -400,6 +420,29 @@ def _load_components(path: Path, flavor: Mapping[str, Any]) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def _generation_engine(
+    model: Any, tokenizer: Any, path: Path, spec: TaskSpec, config: ModelConfig, name: str
+) -> Engine:
+    from llmadapter.engine.generation import GenerationEngine
+
+    return GenerationEngine(model, tokenizer, spec=spec, config=config, model_name=name)
+
+
+def _embedding_engine(
+    model: Any, tokenizer: Any, path: Path, spec: TaskSpec, config: EmbeddingsConfig, name: str
+) -> Engine:
+    from llmadapter.engine.embeddings import EmbeddingEngine, load_pooling
+
+    return EmbeddingEngine(model, tokenizer, load_pooling(path / EXTRAS_DIR), config=config, model_name=name)
+
+
+# The engine that answers a task, by the task's config model (so each builder gets the config it takes).
+_ENGINES: dict[type[StoredConfig], Callable[..., Engine]] = {
+    ModelConfig: _generation_engine,
+    EmbeddingsConfig: _embedding_engine,
+}
+
+
 def build_engine(
     path: str | os.PathLike[str],
     *,
@@ -411,27 +454,12 @@ def build_engine(
 
     path = Path(path)
     mlmodel = Model.load(str(path / "MLmodel"))
-    flavor = mlmodel.flavors[FLAVOR_NAME]
     extras = _read_extras(path)
     spec = get_task(extras["inference_task"])
-    pyfunc_conf = mlmodel.flavors.get("python_function", {})
-    # MLflow stores the pyfunc model_config under "config".
-    stored = dict(pyfunc_conf.get("config") or pyfunc_conf.get("model_config") or {})
-    stored.update(model_config or {})
-    config = parse_model_config(spec.inference_task, stored)
+    config = read_stored_config(spec.config_model, mlmodel.flavors.get("python_function", {}), model_config)
+    model, tokenizer = _load_components(path, mlmodel.flavors[FLAVOR_NAME])
     name = model_name or extras["served_model_name"]
-    model, tokenizer = _load_components(path, flavor)
-    if spec.inference_task == EMBEDDINGS:
-        from llmadapter.engine.embeddings import EmbeddingEngine, load_pooling
-
-        assert isinstance(config, EmbeddingsConfig)
-        return EmbeddingEngine(
-            model, tokenizer, load_pooling(path / EXTRAS_DIR), config=config, model_name=name
-        )
-    from llmadapter.engine.generation import GenerationEngine
-
-    assert isinstance(config, ModelConfig)
-    return GenerationEngine(model, tokenizer, spec=spec, config=config, model_name=name)
+    return _ENGINES[spec.config_model](model, tokenizer, path, spec, config, name)
 
 
 def load_engine(
@@ -441,7 +469,7 @@ def load_engine(
     from mlflow.artifacts import download_artifacts
 
     local = model_uri if os.path.isdir(model_uri) else download_artifacts(artifact_uri=model_uri)
-    return build_engine(local, model_config=model_config, model_name=model_name or served_name(model_uri))
+    return build_engine(local, model_config=model_config, model_name=model_name or registered_name(model_uri))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ has them copied in first, so production never depends on a hub repository that m
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -17,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 
-from llmadapter.config import parse_model_config
 from llmadapter.errors import ConfigError, NotFoundError, ValidationFailedError
 
 if TYPE_CHECKING:
@@ -30,7 +28,6 @@ __all__ = [
     "CHAMPION",
     "PromotionResult",
     "RegisteredVersion",
-    "config_hash",
     "find_version",
     "get_alias",
     "get_version",
@@ -115,14 +112,6 @@ def _client() -> MlflowClient:
     return MlflowClient()
 
 
-def config_hash(task: str, model_config: Mapping[str, Any] | BaseModel | None) -> str:
-    """A short stable hash of the validated model_config (defaults filled in, so {} == the defaults)."""
-    data = model_config.model_dump() if isinstance(model_config, BaseModel) else model_config
-    config = parse_model_config(task, data)
-    payload = json.dumps(config.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
 def _quote(value: str) -> str:
     if "'" in value:
         # MLflow's filter grammar has no escape for quotes; refuse rather than search for something else.
@@ -161,7 +150,8 @@ def list_versions(name: str) -> list[RegisteredVersion]:
 
 
 def find_version(name: str, *, revision: str, task: str, config_hash: str) -> RegisteredVersion | None:
-    """The newest version registered from this revision, task and model_config, if any."""
+    """The newest version registered from this revision, task and model_config (`config_hash`: its
+    digest(), see llmadapter.config.StoredConfig), if any."""
     client = _client()
     aliases = _model_aliases(client, name)
     if aliases is None:
@@ -231,8 +221,9 @@ def register_version(
 ) -> tuple[RegisteredVersion, bool]:
     """Register a validated logged model; returns (version, created).
 
-    Idempotent: if a version with the same revision, task and config hash exists, it is returned
-    and nothing is registered. A report that did not pass is refused (nothing is registered).
+    Idempotent: if a version with the same revision, task and config hash (the model_config's
+    digest()) exists, it is returned and nothing is registered. A report that did not pass is refused
+    (nothing is registered).
     """
     import mlflow
 

@@ -13,6 +13,7 @@ from prefect.context import TaskRunContext
 from pydantic import BaseModel, ConfigDict
 
 import llmadapter
+from llmadapter.config import TaskConfig
 from llmadapter.settings import configure_mlflow, get_settings
 from llmadapter.source import ResolvedSource
 from tasks._retry import transient_task
@@ -52,7 +53,7 @@ def code_version(package_dir: Path | None = None) -> dict[str, str]:
 
 
 def _log_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
-    """Key on the resolved revision (never a branch name), the config hash, the MLflow store and the code.
+    """Key on the resolved revision (never a branch name), the config's digest, the MLflow store and the code.
 
     The store is part of the key because a cached result names a run in one particular store.
     """
@@ -62,7 +63,7 @@ def _log_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str |
         "source": resolved.pinned(),
         "revision": resolved.revision,
         "task": parameters["task"],
-        "config_hash": parameters["config_hash"],
+        "config_hash": parameters["model_config"].digest(),
         "save_pretrained": parameters.get("save_pretrained", True),
         "tracking_uri": settings.resolved_tracking_uri(),
         "experiment": settings.experiment_name,
@@ -83,8 +84,7 @@ def _log_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str |
 def log_model(
     resolved: ResolvedSource,
     task: str,
-    model_config: dict[str, Any],
-    config_hash: str,
+    model_config: TaskConfig,
     save_pretrained: bool = True,
     run_name: str | None = None,
 ) -> LoggedModel:
@@ -97,6 +97,7 @@ def log_model(
 
     configure_mlflow()
     source = resolved.pinned()
+    config_hash = model_config.digest()
     tags = {
         "source": resolved.source,
         "revision": resolved.revision,
@@ -111,7 +112,9 @@ def log_model(
                 "revision": resolved.revision,
                 "task": task,
                 "save_pretrained": save_pretrained,
-                "model_config": json.dumps(model_config, sort_keys=True),
+                "model_config": json.dumps(
+                    model_config.model_dump(mode="json", exclude_unset=True), sort_keys=True
+                ),
             }
         )
         info = llmadapter.log_model(
@@ -128,19 +131,12 @@ def log_model(
     )
 
 
-def log_model_once(
-    resolved: ResolvedSource,
-    task: str,
-    model_config: dict[str, Any],
-    config_hash: str,
-    save_pretrained: bool = True,
-    run_name: str | None = None,
-) -> LoggedModel:
-    """The log task, with its cached result checked: a run since deleted in MLflow is logged again."""
-    args = (resolved, task, model_config, config_hash, save_pretrained, run_name)
-    logged = log_model(*args)
+def log_model_once(*args: Any, **kwargs: Any) -> LoggedModel:
+    """log_model (its parameters), with the cached result checked: a run since deleted in MLflow is
+    logged again."""
+    logged = log_model(*args, **kwargs)
     if not run_exists(logged.run_id):
-        logged = log_model.with_options(refresh_cache=True)(*args)
+        logged = log_model.with_options(refresh_cache=True)(*args, **kwargs)
     return logged
 
 

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 import pytest
 from mlflow.transformers.llm_inference_utils import _SIGNATURE_FOR_LLM_INFERENCE_TASK
 from mlflow.types.schema import ColSpec
 
-from llmadapter.catalog import CATALOG, CHAT, COMPLETIONS, EMBEDDINGS, build_signature, get_task, resolve_task
+from llmadapter.catalog import (
+    CATALOG,
+    CHAT,
+    COMPLETIONS,
+    EMBEDDINGS,
+    LLMTask,
+    build_signature,
+    get_task,
+    resolve_task,
+    spec_of,
+)
 from llmadapter.errors import ConfigError
 
 TASKS = [CHAT, COMPLETIONS, EMBEDDINGS]
@@ -76,6 +88,39 @@ def test_catalog_entries(task: str) -> None:
     assert spec.route.startswith("/v1/")
     assert spec.name_suffix in task
     assert isinstance(spec.parse_config({}), spec.config_model)
+
+
+def test_the_task_literal_is_the_catalogs_keys() -> None:
+    # The Literal types the flows' `task` parameter (a choice in the Prefect UI): one entry per task.
+    assert list(get_args(LLMTask)) == list(CATALOG) == TASKS
+
+
+@pytest.mark.parametrize(
+    ("task", "expected"),
+    [
+        (CHAT, CHAT),
+        (COMPLETIONS, COMPLETIONS),
+        (EMBEDDINGS, EMBEDDINGS),
+        ("text-generation", CHAT),
+        ("feature-extraction", EMBEDDINGS),
+        ("sentence-similarity", EMBEDDINGS),
+        ("summarization", None),
+        ("llm/v1/images", None),
+    ],
+    ids=lambda v: str(v),
+)
+def test_spec_of_an_llm_v1_or_native_task(task: str, expected: str | None) -> None:
+    spec = spec_of(task)
+    assert (spec.inference_task if spec else None) == expected
+
+
+def test_task_tables_chat_template_and_requirements() -> None:
+    assert [t for t in TASKS if get_task(t).needs_chat_template] == [CHAT]
+    assert {t: get_task(t).requirements for t in TASKS} == {
+        CHAT: (),
+        COMPLETIONS: (),
+        EMBEDDINGS: ("sentence-transformers",),
+    }
 
 
 def _cols(signature_inputs: object) -> dict[str, ColSpec]:

@@ -187,6 +187,30 @@ def test_log_model_to_a_store_registers_and_predicts(trained_model: Path, mlflow
         assert response["choices"][0]["finish_reason"] == "stop"
 
 
+def test_a_typed_model_config_is_validated_once_and_logged_as_run_params(
+    trained_model: Path, mlflow_store: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = llmadapter.ModelConfig(temperature=0, max_tokens=4)
+
+    def validated_again(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the typed model_config was validated again")
+
+    with monkeypatch.context() as mp, mlflow.start_run() as run:
+        mp.setattr(llmadapter.ModelConfig, "model_validate", classmethod(validated_again))
+        info = llmadapter.log_model(
+            text_pipeline(trained_model), name="model", task=CHAT, model_config=config
+        )
+
+    assert info.flavors["python_function"]["config"] == {"temperature": 0.0, "max_tokens": 4}
+    # MLflow's Model.log logs the model_config's keys as run params, as it does for a plain mapping.
+    assert mlflow.MlflowClient().get_run(run.info.run_id).data.params == {
+        "temperature": "0.0",
+        "max_tokens": "4",
+    }
+    response = mlflow.pyfunc.load_model(info.model_uri).predict({"messages": HELLO})
+    assert response["usage"]["completion_tokens"] == 4
+
+
 # ---------------------------------------------------------------------------------------------
 # Log-time refusals
 # ---------------------------------------------------------------------------------------------
@@ -224,6 +248,12 @@ def test_a_signature_that_drops_mlflow_fields_is_refused(tiny_gpt2: Path, tmp_pa
         llmadapter.save_model(text_pipeline(tiny_gpt2), tmp_path / "m", task=CHAT, signature=signature)
     assert info.value.param == "signature"
     assert "temperature" in info.value.message
+
+
+def test_a_misspelt_keyword_is_refused_by_name(tiny_gpt2: Path, tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="save_pretraind"):
+        llmadapter.save_model(text_pipeline(tiny_gpt2), tmp_path / "m", task=CHAT, save_pretraind=False)  # type: ignore[call-arg]
+    assert not (tmp_path / "m").exists()
 
 
 def test_save_pretrained_false_needs_a_hub_model(tiny_gpt2: Path, tmp_path: Path) -> None:

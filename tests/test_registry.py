@@ -10,7 +10,7 @@ import pytest
 
 import llmadapter
 from llmadapter import registry
-from llmadapter.errors import ConfigError, NotFoundError, ValidationFailedError
+from llmadapter.errors import NotFoundError, ValidationFailedError
 from llmadapter.testing import HubCache
 from llmadapter.validation import CheckResult, ValidationReport
 
@@ -54,26 +54,6 @@ def _register(uri: str, name: str, revision: str = "a" * 40, chash: str = "c1") 
         uri, name, source="acme/tiny", revision=revision, task=CHAT, config_hash=chash, report=_report(uri)
     )
     return version
-
-
-@pytest.mark.parametrize(
-    ("a", "b", "same"),
-    [
-        ({}, {"temperature": 1.0}, True),
-        ({}, None, True),
-        ({"temperature": 0.5}, {"temperature": 0.6}, False),
-        ({"stop": "x"}, {"stop": ["x"]}, True),
-    ],
-    ids=["defaults-filled", "none-is-empty", "value-differs", "stop-string-is-list"],
-)
-def test_config_hash_is_the_validated_config(a: dict | None, b: dict | None, same: bool) -> None:
-    assert (registry.config_hash(CHAT, a) == registry.config_hash(CHAT, b)) is same
-
-
-def test_config_hash_refuses_unknown_keys_naming_them() -> None:
-    with pytest.raises(ConfigError) as info:
-        registry.config_hash(CHAT, {"temprature": 0.5})
-    assert info.value.param == "temprature"
 
 
 def test_register_is_idempotent_per_revision_task_and_config(model_uri: str, name: str) -> None:

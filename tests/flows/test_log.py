@@ -1,5 +1,5 @@
-"""The log task's cache: reused for the same revision, config and code; logged again after a code change
-or when the cached run was deleted in MLflow."""
+"""The log task's cache: reused for the same revision, config and code; logged again after a code change,
+for another config, or when the cached run was deleted in MLflow."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from mlflow import MlflowClient
 from prefect import flow
 
-from llmadapter.registry import config_hash
+from llmadapter.config import ModelConfig
 from llmadapter.settings import configure_mlflow
 from llmadapter.source import resolve_source
 from tasks import log
@@ -21,9 +21,9 @@ CHAT = "llm/v1/chat"
 
 
 @flow
-def log_once(source: str) -> LoggedModel:
+def log_once(source: str, config: ModelConfig | None = None) -> LoggedModel:
     configure_mlflow()
-    return log_model_once(resolve_source(source), CHAT, {}, config_hash(CHAT, {}), save_pretrained=True)
+    return log_model_once(resolve_source(source), CHAT, config or ModelConfig(), save_pretrained=True)
 
 
 def _copy_package(tmp_path: Path) -> Path:
@@ -72,3 +72,20 @@ def test_a_cached_run_deleted_in_mlflow_is_logged_again(store: str, tiny_gpt2: P
     assert again.run_id != first.run_id
     assert run_exists(again.run_id)
     assert log_once(str(tiny_gpt2)).run_id == again.run_id  # the refreshed cache entry is used next time
+
+
+def test_the_cache_keys_on_the_typed_configs_digest(store: str, tiny_gpt2: Path) -> None:
+    first = log_once(str(tiny_gpt2), ModelConfig(temperature=0.2))
+    # The same values spelled otherwise (a default given explicitly) are the same config.
+    assert log_once(str(tiny_gpt2), ModelConfig(temperature=0.2, top_k=0)).run_id == first.run_id
+
+    other = log_once(str(tiny_gpt2), ModelConfig(temperature=0.3))
+
+    assert other.run_id != first.run_id
+    assert (first.config_hash, other.config_hash) == (
+        ModelConfig(temperature=0.2).digest(),
+        ModelConfig(temperature=0.3).digest(),
+    )
+    params = MlflowClient().get_run(other.run_id).data.params
+    assert params["model_config"] == '{"temperature": 0.3}'
+    assert params["temperature"] == "0.3"  # MLflow's own Model.log logs the model_config keys too

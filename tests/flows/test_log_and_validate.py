@@ -10,7 +10,8 @@ import pytest
 from mlflow import MlflowClient
 
 from flows.log_and_validate import log_and_validate
-from llmadapter.config import EmbeddingsConfig, ModelConfig
+from llmadapter import catalog
+from llmadapter.config import EmbeddingsConfig, ModelConfig, StoredConfig, validate_config
 from llmadapter.errors import ConfigError, ValidationFailedError
 from llmadapter.registry import list_versions
 from llmadapter.settings import get_settings
@@ -94,6 +95,31 @@ def test_rerun_with_same_revision_and_config_registers_nothing_new(store: str, t
     assert len(_runs()) == runs + 1  # only the other config was logged again
     assert (other_config.version, other_config.created) == (2, True)
     assert [v.version for v in list_versions("tiny-chat")] == [2, 1]
+
+
+def test_a_config_given_to_the_flow_is_validated_once_and_reaches_save_model_typed(
+    store: str, tiny_gpt2: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    given: list[object] = []
+
+    def recorded(cls: type[StoredConfig], data: object) -> StoredConfig:
+        given.append(data)
+        return validate_config(cls, data)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(catalog, "validate_config", recorded)
+    # A plain dict, as a deployment or the Prefect UI sends it: Prefect makes the ModelConfig of it.
+    result = log_and_validate(
+        source=str(tiny_gpt2), model_name="tiny-chat", config={"temperature": 0.2}, validation=IN_PROCESS
+    )
+
+    # Resolved for the task by the flow, then by save_model: both times the typed config, validated
+    # when Prefect made it and never again.
+    assert given == [ModelConfig(temperature=0.2)] * 2
+    assert all(type(config) is ModelConfig for config in given)
+    assert result.config_hash == ModelConfig(temperature=0.2).digest()
+    (version,) = list_versions("tiny-chat")
+    params = MlflowClient().get_run(version.run_id).data.params
+    assert params["model_config"] == '{"temperature": 0.2}'
 
 
 def test_completions_happy_path(store: str, tiny_llama: Path) -> None:

@@ -73,7 +73,7 @@ def test_a_local_folder_is_not_pinned_by_the_refresh(tiny_gpt2: Path) -> None:
 def test_one_bad_model_does_not_stop_the_others_and_fails_the_run(store: str, hub_cache: HubCache) -> None:
     from prefect.artifacts import Artifact
 
-    # A sampling key for an embeddings model: config_dict refuses it before anything else happens.
+    # A sampling key for an embeddings model: parse_config refuses it before anything else happens.
     bad = ModelSpec(
         source=hub_cache.repo_id, task="llm/v1/embeddings", model_name="bad", config={"temperature": 0}
     )
