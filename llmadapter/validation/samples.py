@@ -42,42 +42,25 @@ def parse_samples(samples: Sequence[ValidationSample | Mapping[str, Any]] | None
     return out
 
 
+def _chat(name: str, *messages: tuple[str, str], **params: Any) -> ValidationSample:
+    """A chat sample from (role, content) messages and request parameters."""
+    chat = [{"role": role, "content": content} for role, content in messages]
+    return ValidationSample(name=name, request={"messages": chat, **params})
+
+
 # Built-in samples per task; the first is the greedy one (temperature 0) that later checks reuse.
 BUILTIN_SAMPLES: dict[str, tuple[ValidationSample, ...]] = {
     CHAT: (
-        ValidationSample(
-            name="chat-greedy",
-            request={
-                "messages": [{"role": "user", "content": "What is the capital of France?"}],
-                "temperature": 0,
-                "max_tokens": 24,
-            },
+        _chat("chat-greedy", ("user", "What is the capital of France?"), temperature=0, max_tokens=24),
+        _chat(
+            "chat-system",
+            ("system", "You answer in one short sentence."),
+            ("user", "Name a colour."),
+            temperature=0,
+            max_tokens=8,
         ),
-        ValidationSample(
-            name="chat-system",
-            request={
-                "messages": [
-                    {"role": "system", "content": "You answer in one short sentence."},
-                    {"role": "user", "content": "Name a colour."},
-                ],
-                "temperature": 0,
-                "max_tokens": 8,
-            },
-        ),
-        ValidationSample(
-            name="chat-length",
-            request={"messages": [{"role": "user", "content": "Count to ten."}], "max_tokens": 2},
-        ),
-        ValidationSample(
-            name="chat-n2-seed",
-            request={
-                "messages": [{"role": "user", "content": "Say something."}],
-                "n": 2,
-                "seed": 7,
-                "temperature": 0.8,
-                "max_tokens": 8,
-            },
-        ),
+        _chat("chat-length", ("user", "Count to ten."), max_tokens=2),
+        _chat("chat-n2-seed", ("user", "Say something."), n=2, seed=7, temperature=0.8, max_tokens=8),
     ),
     COMPLETIONS: (
         ValidationSample(
