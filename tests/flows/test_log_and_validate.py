@@ -21,7 +21,7 @@ from tasks.validate import ValidationOptions
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 # In-process validation for the tests that are about the flow, not about the fresh process (which
-# test_chat_happy_path and tests/test_validation.py cover): saves a model load per test.
+# test_chat_happy_path and tests/validation/ cover): saves a model load per test.
 IN_PROCESS = ValidationOptions(fresh_process=False)
 
 
