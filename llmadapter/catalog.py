@@ -64,6 +64,15 @@ _EMBEDDINGS_EXTRA = (
     ("model", "string"),
 )
 
+_GENERATION_CHECKS = (
+    "usage-arithmetic",
+    "finish-reason",
+    "stop-handling",
+    "context-limit",
+    "determinism",
+    "latency",
+)
+
 
 @dataclass(frozen=True)
 class TaskSpec:
@@ -78,6 +87,7 @@ class TaskSpec:
     route: str  # the OpenAI route that answers it
     name_suffix: str  # appended to default registered model names
     extra_fields: tuple[tuple[str, str], ...]
+    checks: tuple[str, ...]  # validation's checks after the samples, by name (llmadapter.validation.suite)
     needs_chat_template: bool = False  # refused at log time when the tokenizer has none
     requirements: tuple[str, ...] = ()  # pip packages a logged model needs beyond the common ones
 
@@ -106,6 +116,7 @@ CATALOG: dict[str, TaskSpec] = {
         route="/v1/chat/completions",
         name_suffix="chat",
         extra_fields=_CHAT_EXTRA,
+        checks=_GENERATION_CHECKS,
         needs_chat_template=True,
     ),
     COMPLETIONS: TaskSpec(
@@ -118,6 +129,7 @@ CATALOG: dict[str, TaskSpec] = {
         route="/v1/completions",
         name_suffix="completions",
         extra_fields=_COMPLETIONS_EXTRA,
+        checks=_GENERATION_CHECKS,
     ),
     EMBEDDINGS: TaskSpec(
         inference_task=EMBEDDINGS,
@@ -129,6 +141,7 @@ CATALOG: dict[str, TaskSpec] = {
         route="/v1/embeddings",
         name_suffix="embeddings",
         extra_fields=_EMBEDDINGS_EXTRA,
+        checks=("usage-arithmetic", "embeddings", "determinism", "latency"),
         requirements=("sentence-transformers",),
     ),
 }

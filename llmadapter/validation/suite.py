@@ -1,4 +1,4 @@
-"""Which checks run for which task: the table of steps, the one guard around each, and run_checks.
+"""The checks run after the samples (the catalog lists which per task), the one guard around each, run_checks.
 
 A step makes the predictions its check needs through `ask` and calls the pure check (checks.py);
 `guard` turns a step that raises (on an answer malformed beyond what the schema catches) into a failed
@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from llmadapter.catalog import CHAT, COMPLETIONS, EMBEDDINGS, TaskSpec
+from llmadapter.catalog import TaskSpec
 from llmadapter.protocol import EmbeddingResponse
 from llmadapter.validation.checks import (
     Generation,
@@ -101,24 +101,16 @@ def _latency(ev: Evidence, ask: Ask) -> Iterator[CheckResult]:
     yield check_latency(ev.sample_checks, ev.max_latency_s)
 
 
-_GENERATION_CHECKS: dict[str, Step] = {
+# Every check a task may list in its catalog entry (TaskSpec.checks), by name; a step that raises fails
+# under that name.
+STEPS: dict[str, Step] = {
     "usage-arithmetic": _usage,
     "finish-reason": _finish_reasons,
     "stop-handling": _stop,
     "context-limit": _context_limit,
     "determinism": _determinism,
+    "embeddings": _embeddings,
     "latency": _latency,
-}
-# Which checks run after the samples, by task (a step that raises fails under its name here).
-CHECKS: dict[str, dict[str, Step]] = {
-    CHAT: _GENERATION_CHECKS,
-    COMPLETIONS: _GENERATION_CHECKS,
-    EMBEDDINGS: {
-        "usage-arithmetic": _usage,
-        "embeddings": _embeddings,
-        "determinism": _determinism,
-        "latency": _latency,
-    },
 }
 
 
@@ -167,6 +159,6 @@ def run_checks(
         max_latency_s=max_latency_s,
     )
     results = list(sample_checks)
-    for name, step in CHECKS[spec.inference_task].items():
-        results += guard(name, step, evidence, ask)
+    for name in spec.checks:
+        results += guard(name, STEPS[name], evidence, ask)
     return results

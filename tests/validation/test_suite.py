@@ -1,4 +1,4 @@
-"""llmadapter.validation.suite: the table of checks per task, the guard, run_checks with a scripted ask."""
+"""llmadapter.validation.suite: the steps the catalog names, the guard, run_checks with a scripted ask."""
 
 from __future__ import annotations
 
@@ -13,16 +13,18 @@ from llmadapter.errors import ContextLengthError
 from llmadapter.validation import CheckResult
 from llmadapter.validation.samples import BUILTIN_SAMPLES
 from llmadapter.validation.schema import Answer, read_answer
-from llmadapter.validation.suite import CHECKS, guard, run_checks
+from llmadapter.validation.suite import STEPS, guard, run_checks
 from llmadapter.validation.worker import ModelFacts, Outcome, error_outcome
 
 WINDOW = 64
 GREEDY_TEXT = "Paris is nice"
 
 
-def test_every_catalog_task_has_its_checks() -> None:
-    assert set(CHECKS) == set(CATALOG)
-    assert list(CHECKS[CHAT]) == [
+def test_every_check_the_catalog_lists_has_a_step() -> None:
+    for spec in CATALOG.values():
+        assert spec.checks and set(spec.checks) <= set(STEPS), spec.inference_task
+    assert set(STEPS) == {name for spec in CATALOG.values() for name in spec.checks}
+    assert list(get_task(CHAT).checks) == [
         "usage-arithmetic",
         "finish-reason",
         "stop-handling",
@@ -30,7 +32,7 @@ def test_every_catalog_task_has_its_checks() -> None:
         "determinism",
         "latency",
     ]
-    assert list(CHECKS[EMBEDDINGS]) == ["usage-arithmetic", "embeddings", "determinism", "latency"]
+    assert list(get_task(EMBEDDINGS).checks) == ["usage-arithmetic", "embeddings", "determinism", "latency"]
 
 
 def _ok(name: str) -> CheckResult:
@@ -104,7 +106,7 @@ def test_a_correct_chat_model_passes_every_check_in_order() -> None:
 
     assert all(r.passed for r in results), [r for r in results if not r.passed]
     samples = [f"sample:{s.name}" for s in BUILTIN_SAMPLES[CHAT]]
-    assert [r.name for r in results] == [*samples, *CHECKS[CHAT]]
+    assert [r.name for r in results] == [*samples, *get_task(CHAT).checks]
     # The stop check cut the greedy answer: its request carried a stop string from that answer.
     (stopped,) = [r for r in ask.asked if "stop" in r]
     assert stopped["stop"][0] in GREEDY_TEXT
