@@ -32,17 +32,50 @@ EMBEDDINGS: Final[LLMTask] = "llm/v1/embeddings"
 
 # (name, mlflow type) of the optional request fields our engine accepts beyond MLflow's own schema.
 # MLflow's schema enforcement drops any field a signature lacks, so these must be declared.
+# vLLM's fields, on both generation tasks (`chat_template_kwargs` and the prompt switches: chat only).
+_VLLM_EXTRA = (
+    ("min_p", "double"),
+    ("repetition_penalty", "double"),
+    ("min_tokens", "long"),
+    ("ignore_eos", "boolean"),
+    ("stop_token_ids", "array_long"),
+    ("include_stop_str_in_output", "boolean"),
+    ("prompt_logprobs", "long"),
+    ("truncate_prompt_tokens", "long"),
+)
 _CHAT_EXTRA = (
     ("max_completion_tokens", "long"),
     ("seed", "long"),
     ("logprobs", "boolean"),
     ("top_logprobs", "long"),
-    ("tool_choice", "string"),
+    ("tool_choice", "any"),
     ("parallel_tool_calls", "boolean"),
-    ("logit_bias", "map_double"),
+    ("functions", "array_map"),
+    ("function_call", "any"),
+    ("logit_bias", "map_any"),
     ("stream_options", "stream_options"),
     ("user", "string"),
     ("model", "string"),
+    # the spec's optional fields (llmadapter.protocol.optional: which values are accepted)
+    ("store", "boolean"),
+    ("metadata", "map_string"),
+    ("service_tier", "string"),
+    ("modalities", "array_string"),
+    ("verbosity", "string"),
+    ("reasoning_effort", "string"),
+    ("response_format", "map_any"),
+    ("audio", "map_any"),
+    ("moderation", "map_any"),
+    ("web_search_options", "map_any"),
+    ("prediction", "map_any"),
+    ("prompt_cache_key", "string"),
+    ("prompt_cache_options", "map_any"),
+    ("prompt_cache_retention", "string"),
+    ("safety_identifier", "string"),
+    *_VLLM_EXTRA,
+    ("chat_template_kwargs", "map_any"),
+    ("add_generation_prompt", "boolean"),
+    ("continue_final_message", "boolean"),
 )
 _COMPLETIONS_EXTRA = (
     ("top_p", "double"),
@@ -52,10 +85,13 @@ _COMPLETIONS_EXTRA = (
     ("seed", "long"),
     ("logprobs", "long"),
     ("echo", "boolean"),
-    ("logit_bias", "map_double"),
+    ("best_of", "long"),
+    ("suffix", "string"),
+    ("logit_bias", "map_any"),
     ("stream_options", "stream_options"),
     ("user", "string"),
     ("model", "string"),
+    *_VLLM_EXTRA,
 )
 _EMBEDDINGS_EXTRA = (
     ("encoding_format", "string"),
@@ -197,18 +233,28 @@ def spec_of(task: str) -> TaskSpec | None:
     return next((spec for spec in CATALOG.values() if task in spec.native_tasks), None)
 
 
-def _extra_colspec(name: str, kind: str) -> Any:
-    from mlflow.types.schema import AnyType, ColSpec, DataType, Map, Object, Property
+def _extra_type(kind: str) -> Any:
+    """The MLflow type of an extra field's kind (the second column of the _*_EXTRA tables)."""
+    from mlflow.types.schema import AnyType, Array, DataType, Map, Object, Property
 
-    if kind == "map_double":
-        # AnyType values: OpenAI clients send integer biases, which a double map would refuse;
-        # the request model still checks the numbers.
-        return ColSpec(Map(AnyType()), name, required=False)
-    if kind == "stream_options":
-        return ColSpec(
-            Object([Property("include_usage", DataType.boolean, required=False)]), name, required=False
-        )
-    return ColSpec(DataType[kind], name, required=False)
+    # Maps and `any` take AnyType values: OpenAI clients send integer logit biases, which a double map
+    # would refuse, and objects whose shape the request model checks, not MLflow.
+    types = {
+        "map_any": lambda: Map(AnyType()),
+        "map_string": lambda: Map(DataType.string),
+        "array_long": lambda: Array(DataType.long),
+        "array_string": lambda: Array(DataType.string),
+        "array_map": lambda: Array(Map(AnyType())),
+        "any": AnyType,
+        "stream_options": lambda: Object([Property("include_usage", DataType.boolean, required=False)]),
+    }
+    return types[kind]() if kind in types else DataType[kind]
+
+
+def _extra_colspec(name: str, kind: str) -> Any:
+    from mlflow.types.schema import ColSpec
+
+    return ColSpec(_extra_type(kind), name, required=False)
 
 
 def build_signature(inference_task: str) -> ModelSignature:

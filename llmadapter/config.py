@@ -52,13 +52,15 @@ class ModelConfig(StoredConfig):
     temperature: Annotated[float, Field(ge=0.0, le=2.0, description="Sampling temperature; 0 is greedy.")] = (
         1.0
     )
-    top_p: Annotated[float, Field(gt=0.0, le=1.0, description="Nucleus sampling mass.")] = 1.0
+    top_p: Annotated[
+        float, Field(ge=0.0, le=1.0, description="Nucleus sampling mass; 0 keeps the top token.")
+    ] = 1.0
     top_k: Annotated[int, Field(ge=0, description="Keep the k most likely tokens; 0 disables.")] = 0
     max_tokens: Annotated[
         int, Field(ge=1, description="Default completion length when a request gives none.")
     ] = DEFAULT_MAX_TOKENS
     stop: list[str] = Field(default_factory=list, description="Default stop sequences.")
-    n: Annotated[int, Field(ge=1, le=16, description="Default number of choices.")] = 1
+    n: Annotated[int, Field(ge=1, le=128, description="Default number of choices (the spec's bound).")] = 1
     seed: int | None = Field(
         default=None, ge=-(2**63), le=2**63 - 1, description="Default seed for sampling (64-bit)."
     )
@@ -155,6 +157,14 @@ class GenerationParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: bool = False
     top_logprobs: int = 0
+    # vLLM's extensions, with vLLM's meaning (llmadapter.protocol.requests documents each field).
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+    include_stop_str: bool = False
+    prompt_logprobs: int | None = None  # alternatives per prompt token; None: prompt not scored
 
     @property
     def greedy(self) -> bool:

@@ -144,8 +144,7 @@ def test_signature_declares_every_request_field_and_extras_are_optional(task: st
     spec = CATALOG[task]
     ours = _cols(build_signature(task).inputs)
     native = _cols(_SIGNATURE_FOR_LLM_INFERENCE_TASK[task].inputs)
-    # `suffix` only accepts None (refused otherwise): nothing to carry.
-    accepted = set(spec.request_model.model_fields) - {"suffix"}
+    accepted = set(spec.request_model.model_fields)
     assert accepted <= set(ours), sorted(accepted - set(ours))
     for name in set(ours) - set(native):
         assert not ours[name].required, name

@@ -46,12 +46,12 @@ BAD_CONFIGS = [
     ({"temperature": 2.5}, "temperature"),
     ({"temperature": -1}, "temperature"),
     ({"temperature": "hot"}, "temperature"),
-    ({"top_p": 0}, "top_p"),
+    ({"top_p": -0.1}, "top_p"),
     ({"top_p": 1.5}, "top_p"),
     ({"top_k": -1}, "top_k"),
     ({"max_tokens": 0}, "max_tokens"),
     ({"n": 0}, "n"),
-    ({"n": 17}, "n"),
+    ({"n": 129}, "n"),
     ({"presence_penalty": 3}, "presence_penalty"),
     ({"frequency_penalty": -2.5}, "frequency_penalty"),
     ({"stop": [""]}, "stop"),
@@ -208,6 +208,6 @@ def test_log_model_rejects_bad_model_config_naming_the_key(gpt2_pipeline: Any, m
     import mlflow
 
     with mlflow.start_run() as run, pytest.raises(ConfigError) as info:
-        llmadapter.log_model(gpt2_pipeline, name="model", task="llm/v1/chat", model_config={"top_p": 0})
+        llmadapter.log_model(gpt2_pipeline, name="model", task="llm/v1/chat", model_config={"top_p": 1.5})
     assert info.value.param == "top_p"
     assert mlflow.MlflowClient().list_artifacts(run.info.run_id) == []

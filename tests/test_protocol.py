@@ -44,31 +44,48 @@ BAD_REQUESTS = [
     (ChatCompletionRequest, {"messages": HELLO, "stop": [1, 2]}, "stop"),
     (ChatCompletionRequest, {"messages": HELLO, "stop": 7}, "stop"),
     (ChatCompletionRequest, {"messages": HELLO, "stop": ""}, "stop"),
-    (ChatCompletionRequest, {"messages": HELLO, "stop": [str(i) for i in range(17)]}, "stop"),
+    (ChatCompletionRequest, {"messages": HELLO, "stop": [str(i) for i in range(5)]}, "stop"),
     (ChatCompletionRequest, {"messages": HELLO, "top_logprobs": 2}, "top_logprobs"),
     (ChatCompletionRequest, {"messages": HELLO, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     (ChatCompletionRequest, {"messages": HELLO, "temperature": 2.5}, "temperature"),
     (ChatCompletionRequest, {"messages": HELLO, "temperature": -0.1}, "temperature"),
-    (ChatCompletionRequest, {"messages": HELLO, "top_p": 0}, "top_p"),
-    (ChatCompletionRequest, {"messages": HELLO, "top_k": -1}, "top_k"),
+    (ChatCompletionRequest, {"messages": HELLO, "top_p": -0.1}, "top_p"),
+    (ChatCompletionRequest, {"messages": HELLO, "top_k": -2}, "top_k"),
     (ChatCompletionRequest, {"messages": HELLO, "n": 0}, "n"),
-    (ChatCompletionRequest, {"messages": HELLO, "n": 17}, "n"),
+    (ChatCompletionRequest, {"messages": HELLO, "n": 129}, "n"),
     (ChatCompletionRequest, {"messages": HELLO, "presence_penalty": 2.5}, "presence_penalty"),
     (ChatCompletionRequest, {"messages": HELLO, "frequency_penalty": -3}, "frequency_penalty"),
     (ChatCompletionRequest, {"messages": HELLO, "logit_bias": {"5": 101}}, "logit_bias"),
-    (ChatCompletionRequest, {"messages": HELLO, "stream_options": {"include_usage": True}}, "stream_options"),
     (
         ChatCompletionRequest,
         {"messages": HELLO, "max_tokens": 5, "max_completion_tokens": 6},
         "max_completion_tokens",
     ),
-    (ChatCompletionRequest, {"messages": [{"role": "user"}]}, "messages[0]"),
+    (ChatCompletionRequest, {"messages": [{"role": "user"}]}, "messages[0].content"),
     (ChatCompletionRequest, {"messages": HELLO, "tools": [{"type": "function"}]}, "tools[0].function"),
     (CompletionRequest, {}, "prompt"),
     (CompletionRequest, {"prompt": []}, "prompt"),
     (CompletionRequest, {"prompt": "Hi", "logprobs": 21}, "logprobs"),
     (CompletionRequest, {"prompt": "Hi", "messages": HELLO}, "messages"),
     (CompletionRequest, {"prompt": "Hi", "suffix": "!"}, "suffix"),
+    (CompletionRequest, {"prompt": [[]]}, "prompt"),
+    (CompletionRequest, {"prompt": [1, "a"]}, "prompt"),
+    (CompletionRequest, {"prompt": [-1]}, "prompt"),
+    # vLLM's fields keep vLLM's bounds
+    (CompletionRequest, {"prompt": "Hi", "min_p": 1.5}, "min_p"),
+    (CompletionRequest, {"prompt": "Hi", "repetition_penalty": 0}, "repetition_penalty"),
+    (CompletionRequest, {"prompt": "Hi", "min_tokens": -1}, "min_tokens"),
+    (CompletionRequest, {"prompt": "Hi", "stop_token_ids": [-1]}, "stop_token_ids[0]"),
+    (CompletionRequest, {"prompt": "Hi", "prompt_logprobs": 21}, "prompt_logprobs"),
+    (CompletionRequest, {"prompt": "Hi", "prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
+    (CompletionRequest, {"prompt": "Hi", "truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+    (CompletionRequest, {"prompt": "Hi", "truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
+    (
+        ChatCompletionRequest,
+        {"messages": HELLO, "add_generation_prompt": True, "continue_final_message": True},
+        "continue_final_message",
+    ),
+    (ChatCompletionRequest, {"messages": HELLO, "chat_template_kwargs": []}, "chat_template_kwargs"),
     (EmbeddingRequest, {}, "input"),
     (EmbeddingRequest, {"input": "Hi", "encoding_format": "hex"}, "encoding_format"),
     (EmbeddingRequest, {"input": "Hi", "dimensions": 0}, "dimensions"),
@@ -228,7 +245,7 @@ def test_stream_options_with_stream() -> None:
     assert not chat(stream=True).include_usage
 
 
-def test_response_serialises_without_none_fields() -> None:
+def test_response_serialises_without_none_fields_but_the_spec_required_nulls() -> None:
     response = ChatCompletionResponse.model_validate(
         {
             "model": "m",
@@ -239,4 +256,7 @@ def test_response_serialises_without_none_fields() -> None:
     data = response.model_dump(exclude_none=True)
     assert data["object"] == "chat.completion"
     assert data["id"].startswith("chatcmpl-")
-    assert data["choices"][0]["message"] == {"role": "assistant", "content": "hi"}
+    # The spec requires `refusal` and `logprobs`, null when empty; other None fields are left out.
+    assert data["choices"][0]["message"] == {"role": "assistant", "content": "hi", "refusal": None}
+    assert data["choices"][0]["logprobs"] is None
+    assert "system_fingerprint" not in data

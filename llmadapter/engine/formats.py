@@ -14,6 +14,8 @@ from pydantic import BaseModel
 
 from llmadapter.catalog import CHAT, COMPLETIONS, TaskSpec
 from llmadapter.config import GenerationParams
+from llmadapter.engine.chat_template import ChatTemplate
+from llmadapter.engine.logprobs import PromptToken
 from llmadapter.engine.scheduler import Sequence, TokenInfo
 from llmadapter.engine.sink import Event
 from llmadapter.errors import InvalidRequestError
@@ -27,6 +29,8 @@ from llmadapter.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     DeltaMessage,
+    PromptLogprob,
+    PromptLogprobs,
     TokenLogprob,
     TopLogprob,
     Usage,
@@ -103,6 +107,10 @@ class Format(ABC):
     ) -> list[BaseModel]:
         """The chunks that carry `out` (and its tokens' logprobs) of one choice."""
 
+    def envelope(self, job: Job) -> dict[str, Any]:
+        """Fields of the answer and of every chunk beyond id, created and model (none by default)."""
+        return {}
+
     def response(self, job: Job) -> BaseModel:
         seqs = sorted(job.seqs, key=lambda s: s.choice_index)
         return self.spec.response_model(
@@ -111,14 +119,27 @@ class Format(ABC):
             model=self.model_name,
             choices=[self.choice(job, s) for s in seqs],
             usage=job.usage(),
+            **self.envelope(job),
+            **self.response_extras(job),
         )
 
+    def response_extras(self, job: Job) -> dict[str, Any]:
+        """Fields of the whole answer only (chat's prompt_logprobs)."""
+        return {}
+
     def chunk(self, job: Job, choice: BaseModel) -> BaseModel:
-        return self._chunk_model(id=job.id, created=job.created, model=self.model_name, choices=[choice])
+        return self._chunk_model(
+            id=job.id, created=job.created, model=self.model_name, choices=[choice], **self.envelope(job)
+        )
 
     def usage_chunk(self, job: Job) -> BaseModel:
         return self._chunk_model(
-            id=job.id, created=job.created, model=self.model_name, choices=[], usage=job.usage()
+            id=job.id,
+            created=job.created,
+            model=self.model_name,
+            choices=[],
+            usage=job.usage(),
+            **self.envelope(job),
         )
 
     def stream_chunks(self, job: Job, event: Event) -> list[BaseModel]:
@@ -147,6 +168,25 @@ def _reason(seq: Sequence) -> Any:
     return cast(Any, seq.finish_reason)
 
 
+def prompt_logprobs(tokens: list[PromptToken] | None, k: int | None) -> PromptLogprobs | None:
+    """vLLM's `prompt_logprobs`: per prompt token, its own entry and the k most likely alternatives
+    (None for the first token, which nothing predicts)."""
+    if tokens is None or k is None:
+        return None
+    out: PromptLogprobs = []
+    for token in tokens:
+        if token.logprob is None:
+            out.append(None)
+            continue
+        entry = {
+            token.token_id: PromptLogprob(logprob=token.logprob, rank=token.rank, decoded_token=token.text)
+        }
+        for rank, (token_id, text, logprob) in enumerate(token.top[:k], start=1):
+            entry.setdefault(token_id, PromptLogprob(logprob=logprob, rank=rank, decoded_token=text))
+        out.append(entry)
+    return out
+
+
 class ChatFormat(Format):
     """llm/v1/chat: the chat template renders the messages; deltas carry the role, then the content."""
 
@@ -156,35 +196,29 @@ class ChatFormat(Format):
 
     def __init__(self, spec: TaskSpec, tokenizer: Any, model_name: str) -> None:
         super().__init__(spec, tokenizer, model_name)
-        template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
-        self._template_has_tools = "tools" in (template or "")
+        self.template = ChatTemplate(tokenizer)
 
     def prompts(self, req: ChatCompletionRequest) -> tuple[list[list[int]], list[str]]:
-        if not self.tokenizer.chat_template:
-            raise InvalidRequestError(
-                "This model's tokenizer has no chat template; use the completions task.", param="messages"
-            )
-        kwargs: dict[str, Any] = {}
-        if req.tools and req.tool_choice != "none":
-            if not self._template_has_tools:
-                raise InvalidRequestError("This model's chat template does not support tools.", param="tools")
-            if req.tool_choice not in (None, "auto"):
-                raise InvalidRequestError(
-                    "Only tool_choice 'auto' or 'none' is supported: the engine cannot force a tool call.",
-                    param="tool_choice",
-                )
-            kwargs["tools"] = [tool.model_dump(exclude_none=True) for tool in req.tools]
-        try:
-            text = self.tokenizer.apply_chat_template(
-                [m.to_template() for m in req.messages], tokenize=False, add_generation_prompt=True, **kwargs
-            )
-        except Exception as exc:  # jinja raises for conversations the template refuses
-            raise InvalidRequestError(
-                f"The chat template rejected the messages: {exc}", param="messages"
-            ) from None
-        # The template already wrote any BOS it wants: adding special tokens again would double it.
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return [list(ids)], [str(text)]
+        tools, tool_choice, choice_param = req.template_tools()
+        text = self.template.render(
+            req.messages,
+            generation_prompt=req.generation_prompt(),
+            continue_final=bool(req.continue_final_message),
+            template_kwargs=req.chat_template_kwargs,
+            tools=tools,
+            tool_choice=tool_choice,
+            tool_choice_param=choice_param,
+            reasoning_effort=req.reasoning_effort,
+        )
+        return [self.template.encode(text)], [text]
+
+    def envelope(self, job: Job) -> dict[str, Any]:
+        # The spec: when service_tier is set, the answer names the tier that served it; there is one.
+        return {"service_tier": "default"} if cast(ChatCompletionRequest, job.request).service_tier else {}
+
+    def response_extras(self, job: Job) -> dict[str, Any]:
+        k = job.request.prompt_logprobs
+        return {"prompt_logprobs": prompt_logprobs(job.seqs[0].prompt_logprobs, k)} if job.seqs else {}
 
     @staticmethod
     def _logprobs(tokens: list[TokenInfo]) -> ChoiceLogprobs:
@@ -228,17 +262,22 @@ class ChatFormat(Format):
 
 
 class CompletionsFormat(Format):
-    """llm/v1/completions: prompts as given, one choice per prompt x n, `echo` puts the prompt first."""
+    """llm/v1/completions: prompts as given (texts or token ids), one choice per prompt x n; `echo` puts
+    the prompt first (with its tokens' logprobs when `logprobs` is set, as vLLM and OpenAI do)."""
 
     request_model = CompletionRequest
     prompt_param = "prompt"
     id_prefix = "cmpl"
 
     def prompts(self, req: CompletionRequest) -> tuple[list[list[int]], list[str]]:
-        texts = req.prompts()
-        prompts = [list(self.tokenizer(t)["input_ids"]) for t in texts]
+        given = req.prompts()
+        prompts = [list(self.tokenizer(p)["input_ids"]) if isinstance(p, str) else p for p in given]
         if any(not p for p in prompts):
             raise InvalidRequestError("'prompt' must not be empty.", param="prompt")
+        texts = [
+            p if isinstance(p, str) else str(self.tokenizer.decode(p, skip_special_tokens=True))
+            for p in given
+        ]
         return prompts, texts
 
     @staticmethod
@@ -248,21 +287,35 @@ class CompletionsFormat(Format):
         return ""
 
     @staticmethod
-    def _logprobs(tokens: list[TokenInfo], base: int) -> CompletionLogprobs:
+    def _logprobs(
+        job: Job, seq: Sequence, tokens: list[TokenInfo], base: int, echoed: bool
+    ) -> CompletionLogprobs:
+        """The generated `tokens` (their offsets after `base`), after the prompt's when it is `echoed`:
+        its first token has no logprob (null), as in OpenAI's echo."""
+        k = job.params.top_logprobs
+        prompt = (seq.prompt_logprobs or []) if echoed else []
         return CompletionLogprobs(
-            tokens=[t.text for t in tokens],
-            token_logprobs=[t.logprob for t in tokens],
-            top_logprobs=[dict(t.top) for t in tokens],
-            text_offset=[base + t.offset for t in tokens],
+            tokens=[t.text for t in prompt] + [t.text for t in tokens],
+            token_logprobs=[t.logprob for t in prompt] + [t.logprob for t in tokens],
+            top_logprobs=[None if t.logprob is None else {s: v for _, s, v in t.top[:k]} for t in prompt]
+            + [dict(t.top) for t in tokens],
+            text_offset=[t.offset for t in prompt] + [base + t.offset for t in tokens],
         )
+
+    def _echoes_logprobs(self, job: Job) -> bool:
+        return bool(cast(CompletionRequest, job.request).echo and job.params.logprobs)
 
     def choice(self, job: Job, seq: Sequence) -> BaseModel:
         echo = self._echo(job, seq)
+        logprobs = None
+        if job.params.logprobs:
+            logprobs = self._logprobs(job, seq, seq.emitted_tokens(), len(echo), self._echoes_logprobs(job))
         return CompletionChoice(
             index=seq.choice_index,
             text=echo + seq.text,
             finish_reason=_reason(seq),
-            logprobs=self._logprobs(seq.emitted_tokens(), len(echo)) if job.params.logprobs else None,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs(seq.prompt_logprobs, job.request.prompt_logprobs),
         )
 
     def chunks(
@@ -270,9 +323,10 @@ class CompletionsFormat(Format):
     ) -> list[BaseModel]:
         echo = self._echo(job, seq)
         text = (echo if first else "") + out
-        if not (text or tokens or finished):
+        echoed = first and self._echoes_logprobs(job)
+        if not (text or tokens or finished or echoed):
             return []
-        logprobs = self._logprobs(tokens, len(echo)) if tokens else None
+        logprobs = self._logprobs(job, seq, tokens, len(echo), echoed) if tokens or echoed else None
         reason = _reason(seq) if finished else None
         choice = CompletionChoice(index=seq.choice_index, text=text, finish_reason=reason, logprobs=logprobs)
         return [self.chunk(job, choice)]

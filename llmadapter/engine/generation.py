@@ -6,14 +6,14 @@ What differs between chat and completions (prompt, response, chunks, logprobs) i
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 from pydantic import BaseModel
 
 from llmadapter.catalog import TaskSpec
-from llmadapter.config import ModelConfig
+from llmadapter.config import GenerationParams, ModelConfig
 from llmadapter.engine.base import Engine, EngineStats
 from llmadapter.engine.formats import FORMATS, Job
 from llmadapter.engine.sampling import RowSampler
@@ -100,15 +100,13 @@ class GenerationEngine(Engine):
                 f"This model answers {self.spec.inference_task} requests.", param="messages"
             )
         params = req.to_generation(self.config)
-        for token_id in params.logit_bias:
-            if not 0 <= token_id < self._vocab:
-                raise InvalidRequestError(
-                    f"Invalid value for 'logit_bias': token id {token_id} is outside the vocabulary "
-                    f"(0..{self._vocab - 1}).",
-                    param="logit_bias",
-                )
+        self._check_token_ids("logit_bias", params.logit_bias)
+        self._check_token_ids("stop_token_ids", params.stop_token_ids)
         prompts, texts = self._format.prompts(req)
         what = self._format.prompt_param
+        for prompt in prompts:
+            self._check_token_ids(what, prompt)
+        prompts, texts = self._truncate(req, params, prompts, texts)
         longest = max(len(p) for p in prompts)
         window = self._window
         if longest >= window:
@@ -135,6 +133,34 @@ class GenerationEngine(Engine):
             )
         return Job(req, params, prompts, texts, new_id(self._format.id_prefix), now())
 
+    def _check_token_ids(self, param: str, ids: Iterable[int]) -> None:
+        outside = [token_id for token_id in ids if not 0 <= token_id < self._vocab]
+        if outside:
+            raise InvalidRequestError(
+                f"Invalid value for '{param}': token id {outside[0]} is outside the vocabulary "
+                f"(0..{self._vocab - 1}).",
+                param=param,
+            )
+
+    def _truncate(
+        self, req: Any, params: GenerationParams, prompts: list[list[int]], texts: list[str]
+    ) -> tuple[list[list[int]], list[str]]:
+        """vLLM's truncate_prompt_tokens: keep each prompt's last k tokens (-1: as many as leave room
+        for the completion); a cut prompt's text is its decoded tokens."""
+        keep = req.truncate_prompt_tokens
+        if keep is None:
+            return prompts, texts
+        if keep == -1:
+            keep = max(1, self._window - (params.max_tokens if req.max_tokens_given() else 1))
+        cut = [
+            (p[-keep:], t if len(p) <= keep else self.decode(p[-keep:]))
+            for p, t in zip(prompts, texts, strict=True)
+        ]
+        return [p for p, _ in cut], [t for _, t in cut]
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
     def _sequences(self, job: Job, sink: Sink) -> list[Seq]:
         """The job's sequences (prompt x n), reporting to `sink`."""
         for p_index, prompt in enumerate(job.prompts):
@@ -148,9 +174,11 @@ class GenerationEngine(Engine):
                         max_new_tokens=limit,
                         choice_index=choice,
                         sink=sink,
-                        sampler=RowSampler.create(job.params, choice),
+                        sampler=RowSampler.create(
+                            job.params, choice, prompt_ids=prompt, eos_ids=self.scheduler.eos_ids
+                        ),
                         decoder=IncrementalDecoder(self.tokenizer),
-                        matcher=StopMatcher(job.params.stop),
+                        matcher=StopMatcher(job.params.stop, include=job.params.include_stop_str),
                     )
                 )
         sink.expect(job.seqs)

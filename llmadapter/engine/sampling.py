@@ -1,9 +1,14 @@
-"""Per-row logits processing and token choice for a batch whose rows each have their own parameters."""
+"""Per-row logits processing and token choice for a batch whose rows each have their own parameters.
+
+Order, as vLLM's sampler: penalties, logit_bias and the min_tokens ban on the raw logits; then temperature;
+then min_p, top_k and top_p on the scaled distribution; then the draw (or argmax when greedy).
+"""
 
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -17,9 +22,21 @@ class RowSampler:
     params: GenerationParams
     generator: torch.Generator | None
     counts: dict[int, int]
+    # Tokens a repetition_penalty applies to: the prompt's and every generated one (vLLM's rule).
+    seen: set[int] = field(default_factory=set)
+    # Tokens that may not be drawn before min_tokens are generated: EOS and stop_token_ids.
+    stop_ids: frozenset[int] = frozenset()
+    generated: int = 0
 
     @classmethod
-    def create(cls, params: GenerationParams, choice_index: int) -> RowSampler:
+    def create(
+        cls,
+        params: GenerationParams,
+        choice_index: int,
+        *,
+        prompt_ids: Iterable[int] = (),
+        eos_ids: Iterable[int] = (),
+    ) -> RowSampler:
         generator = None
         if not params.greedy:
             generator = torch.Generator()
@@ -27,34 +44,54 @@ class RowSampler:
             seed = params.seed + choice_index if params.seed is not None else secrets.randbits(63)
             # Seeds are signed 64-bit (protocol and config bound them); torch takes -2**63 .. 2**64 - 1.
             generator.manual_seed(seed)
-        return cls(params, generator, {})
+        seen = set(prompt_ids) if params.repetition_penalty != 1.0 else set()
+        stop_ids = frozenset((*eos_ids, *params.stop_token_ids)) if params.min_tokens else frozenset()
+        return cls(params, generator, {}, seen, stop_ids)
 
     def observe(self, token_id: int) -> None:
         self.counts[token_id] = self.counts.get(token_id, 0) + 1
+        self.generated += 1
+        if self.params.repetition_penalty != 1.0:
+            self.seen.add(token_id)
 
 
 def _penalize(logits: torch.Tensor, rows: list[RowSampler]) -> None:
-    """OpenAI semantics, on generated tokens only: logit -= count*frequency + (count>0)*presence."""
+    """OpenAI's penalties on generated tokens (logit -= count*frequency + (count>0)*presence), vLLM's
+    repetition_penalty on prompt and generated tokens (positive logits divided, negative multiplied),
+    logit_bias, and the min_tokens ban on stop tokens."""
     for i, row in enumerate(rows):
         p = row.params
         if row.counts and (p.presence_penalty or p.frequency_penalty):
             ids = torch.tensor(list(row.counts.keys()), dtype=torch.long)
             counts = torch.tensor(list(row.counts.values()), dtype=logits.dtype)
             logits[i, ids] -= counts * p.frequency_penalty + p.presence_penalty
+        if row.seen:
+            ids = torch.tensor(sorted(row.seen), dtype=torch.long)
+            values = logits[i, ids]
+            penalty = p.repetition_penalty
+            logits[i, ids] = torch.where(values > 0, values / penalty, values * penalty)
         if p.logit_bias:
             ids = torch.tensor(list(p.logit_bias.keys()), dtype=torch.long)
             logits[i, ids] += torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype)
+        if row.stop_ids and row.generated < p.min_tokens:
+            logits[i, torch.tensor(sorted(row.stop_ids), dtype=torch.long)] = float("-inf")
 
 
-def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+def _filter(logits: torch.Tensor, top_k: int, top_p: float, min_p: float = 0.0) -> torch.Tensor:
+    if min_p > 0.0:
+        # Keep tokens at least min_p times as likely as the most likely one.
+        probs = torch.softmax(logits, dim=-1)
+        logits = logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
     if top_k > 0 and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
-        # Drop a token when the mass before it already reaches top_p (the first token always stays).
+        # Drop a token when the mass before it already reaches top_p; the most likely token always
+        # stays, so top_p 0 (the spec's lower bound) keeps exactly that one.
         drop = (torch.cumsum(probs, dim=-1) - probs) >= top_p
+        drop[0] = False
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
     return logits
@@ -73,7 +110,7 @@ def choose_tokens(logits: torch.Tensor, rows: list[RowSampler]) -> list[int]:
         if row.params.greedy:
             continue
         p = row.params
-        scaled = _filter(logits[i] / p.temperature, p.top_k, p.top_p)
+        scaled = _filter(logits[i] / p.temperature, p.top_k, p.top_p, p.min_p)
         probs = torch.softmax(scaled, dim=-1)
         if not bool(torch.isfinite(probs).all()):
             # Only non-finite logits get here (a model that overflowed in float16, say): multinomial would

@@ -19,6 +19,7 @@ import torch
 
 from llmadapter.config import GenerationParams
 from llmadapter.engine.base import EngineStats, WorkerThread
+from llmadapter.engine.logprobs import PromptToken, score_prompt
 from llmadapter.engine.sampling import RowSampler, choose_tokens
 from llmadapter.engine.stops import IncrementalDecoder, StopMatcher
 from llmadapter.errors import GenerationError, LLMAdapterError, OverloadedError
@@ -53,6 +54,7 @@ class Sequence:
     finish_reason: str | None = None
     error: LLMAdapterError | None = None
     cancelled: bool = False
+    prompt_logprobs: list[PromptToken] | None = None  # when params.prompt_logprobs asks for them
 
     @property
     def text(self) -> str:
@@ -212,6 +214,15 @@ class Scheduler:
     # -- model calls --------------------------------------------------------------------------
 
     def _prefill(self, seqs: list[Sequence]) -> None:
+        # Scoring the prompt needs the logits of every prompt position, not only the last: only the
+        # sequences that ask for it pay for them, in a group of their own.
+        plain = [s for s in seqs if s.params.prompt_logprobs is None]
+        scored = [s for s in seqs if s.params.prompt_logprobs is not None]
+        for group, score in ((plain, False), (scored, True)):
+            if group:
+                self._prefill_group(group, score)
+
+    def _prefill_group(self, seqs: list[Sequence], score: bool) -> None:
         from transformers import DynamicCache
 
         width = max(len(s.prompt_ids) for s in seqs)
@@ -228,11 +239,16 @@ class Scheduler:
             attention_mask=mask,
             position_ids=positions,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=0 if score else 1,
             **{self._cache_kw: cache},
         )
         self.stats.record_batch(len(seqs))
         self.stats.prompt_tokens += sum(len(s.prompt_ids) for s in seqs)
+        if score:
+            for row, seq in enumerate(seqs):
+                k = seq.params.prompt_logprobs or 0
+                rows = out.logits[row, width - len(seq.prompt_ids) :]
+                seq.prompt_logprobs = score_prompt(rows, seq.prompt_ids, k, self.tokenizer, self._piece)
         logits = out.logits[:, -1, :].float()
         self._merge(seqs, _returned_cache(out), mask)
         self._advance(seqs, logits, offset=len(self._batch.seqs) - len(seqs))
@@ -309,19 +325,32 @@ class Scheduler:
         if seq.cancelled:
             self._finish(seq, None, None)
             return
-        if tok in self.eos_ids:
+        p = seq.params
+        if seq.max_new_tokens == 0:  # completions' max_tokens 0: the prefill only scored the prompt
+            self._finish(seq, "length", None)
+            return
+        if tok in self.eos_ids and not p.ignore_eos:
             self._finish(seq, "stop", None, seq.matcher.feed(seq.decoder.flush()) + seq.matcher.finish())
             return
         seq.generated.append(tok)
         seq.sampler.observe(tok)
         self.stats.completion_tokens += 1
-        if info is not None:
+        # vLLM: stop strings are looked for only in the text after the first min_tokens tokens, and a
+        # stop token id counts as generated but shows in the text only with include_stop_str_in_output.
+        searchable = len(seq.generated) > p.min_tokens
+        stop_token = tok in p.stop_token_ids
+        if info is not None and (p.include_stop_str or not stop_token):
             seq.tokens.append(info)
-        out = seq.matcher.feed(seq.decoder.push(tok))
+        if stop_token:
+            text = seq.decoder.push(tok) if p.include_stop_str else ""
+            out = seq.matcher.feed(text + seq.decoder.flush(), searchable=searchable)
+            self._finish(seq, "stop", None, out + seq.matcher.finish())
+            return
+        out = seq.matcher.feed(seq.decoder.push(tok), searchable=searchable)
         if seq.matcher.stopped_at is not None:
             self._finish(seq, "stop", None, out)
         elif len(seq.generated) >= seq.max_new_tokens:
-            out += seq.matcher.feed(seq.decoder.flush())
+            out += seq.matcher.feed(seq.decoder.flush(), searchable=searchable)
             reason = "stop" if seq.matcher.stopped_at is not None else "length"
             self._finish(seq, reason, None, out + seq.matcher.finish())
         elif out or info is not None:

@@ -46,27 +46,37 @@ class StopMatcher:
     """Finds the earliest stop string in the generated text and says how much text is safe to emit.
 
     Text is emitted only up to the start of the longest suffix that is still a prefix of some stop
-    string, so a stream never shows text that a later token turns into a stop match.
+    string, so a stream never shows text that a later token turns into a stop match. `include` keeps
+    the matched stop string in the text (vLLM's include_stop_str_in_output); text fed with
+    `searchable=False` (vLLM's min_tokens) is never searched.
     """
 
     stops: tuple[str, ...]
+    include: bool = False
     text: str = ""
     emitted: int = 0
-    stopped_at: int | None = field(default=None)
+    stopped_at: int | None = field(default=None)  # where the text ends once a stop matched
+    searched_from: int = 0
 
-    def feed(self, delta: str) -> str:
+    def feed(self, delta: str, *, searchable: bool = True) -> str:
         """Add generated text; return the newly safe text (the cut text once a stop matches)."""
         if self.stopped_at is not None:
             return ""
-        start = max(0, len(self.text) - max((len(s) for s in self.stops), default=0) + 1)
         self.text += delta
-        if self.stops:
-            hits = [i for s in self.stops if (i := self.text.find(s, start)) != -1]
-            if hits:
-                self.stopped_at = min(hits)
-                out = self.text[self.emitted : self.stopped_at]
-                self.emitted = self.stopped_at
-                return out
+        if not searchable:
+            self.searched_from = len(self.text)
+            out = self.text[self.emitted :]
+            self.emitted = len(self.text)
+            return out
+        longest = max((len(s) for s in self.stops), default=0)
+        start = max(self.searched_from, len(self.text) - len(delta) - longest + 1)
+        hits = [(i, s) for s in self.stops if (i := self.text.find(s, start)) != -1]
+        if hits:
+            at, stop = min(hits)
+            self.stopped_at = at + len(stop) if self.include else at
+            out = self.text[self.emitted : self.stopped_at]
+            self.emitted = self.stopped_at
+            return out
         safe = len(self.text) - self._held_back()
         out = self.text[self.emitted : safe]
         self.emitted = max(self.emitted, safe)
@@ -74,8 +84,9 @@ class StopMatcher:
 
     def _held_back(self) -> int:
         longest = 0
+        searchable = len(self.text) - self.searched_from
         for stop in self.stops:
-            for k in range(min(len(stop) - 1, len(self.text)), longest, -1):
+            for k in range(min(len(stop) - 1, searchable), longest, -1):
                 if self.text.endswith(stop[:k]):
                     longest = k
                     break

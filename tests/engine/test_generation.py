@@ -263,11 +263,18 @@ def test_completions_echo_and_logprobs(completions: GenerationEngine) -> None:
     assert generated == run(completions, prompt=prompt, max_tokens=4).choices[0].text
     assert generated.startswith(" fox")
     logprobs = choice.logprobs
-    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 4
-    assert all(len(top) <= 2 for top in logprobs.top_logprobs)
-    assert logprobs.text_offset[0] == len(prompt)  # offsets count the echoed prompt
-    assert "".join(logprobs.tokens) == generated
-    assert response.usage.prompt_tokens == len(completions.tokenizer(prompt)["input_ids"])
+    prompt_ids = completions.tokenizer(prompt)["input_ids"]
+    # The echoed prompt's tokens come first (the first one unscored, as in OpenAI's echo), then the 4
+    # generated ones, whose offsets count the echoed prompt.
+    n = len(prompt_ids) + 4
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == n
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    assert all(lp is not None and lp <= 0 for lp in logprobs.token_logprobs[1:])
+    assert all(len(top) <= 2 for top in logprobs.top_logprobs[1:])
+    assert logprobs.text_offset[: len(prompt_ids)] == [prompt.find(t) for t in logprobs.tokens[: len(prompt_ids)]]
+    assert logprobs.text_offset[len(prompt_ids)] == len(prompt)
+    assert "".join(logprobs.tokens) == prompt + generated
+    assert response.usage.prompt_tokens == len(prompt_ids)
 
 
 def test_completions_several_prompts_and_n(completions: GenerationEngine) -> None:

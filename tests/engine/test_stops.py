@@ -221,8 +221,10 @@ def unstopped_ids(engine: GenerationEngine) -> list[int]:
 
 def ask(engine: GenerationEngine, stops_per_request: list[list[str]]) -> list[ChatCompletionResponse]:
     requests = [
+        # No stops: the field left out (the spec allows 1 to 4 stop sequences, not an empty list).
         engine.parse(
-            {"messages": [{"role": "user", "content": TRAINED_PROMPT}], "stop": stops, "max_tokens": 80}
+            {"messages": [{"role": "user", "content": TRAINED_PROMPT}], "max_tokens": 80}
+            | ({"stop": stops} if stops else {})
         )
         for stops in stops_per_request
     ]
