@@ -451,8 +451,11 @@ def test_completions_echo_logprobs_and_stop(saved: Saver, trained_model: Path) -
     assert response["object"] == "text_completion"
     choice = response["choices"][0]
     assert choice["text"].startswith(prompt + " fox")
-    assert len(choice["logprobs"]["tokens"]) == 5
-    assert choice["logprobs"]["text_offset"][0] == len(prompt)
+    # The echoed prompt's tokens are scored too (the first one is not: null), then the 5 generated ones.
+    prompt_tokens = response["usage"]["prompt_tokens"]
+    assert len(choice["logprobs"]["tokens"]) == prompt_tokens + 5
+    assert choice["logprobs"]["token_logprobs"][0] is None
+    assert choice["logprobs"]["text_offset"][prompt_tokens] == len(prompt)
     stopped = model.predict({"prompt": prompt, "temperature": 0, "max_tokens": 20, "stop": ["lazy"]})
     assert stopped["choices"][0]["text"] == " fox jumps over the "
     assert stopped["choices"][0]["finish_reason"] == "stop"
@@ -556,7 +559,7 @@ def test_each_row_keeps_its_own_params(trained: Any) -> None:
     r0, r1, r2, r3 = trained.predict(frame)
     assert content(r0) == TRAINED_ANSWER and r0["choices"][0]["finish_reason"] == "stop"
     assert [c["message"]["content"] for c in r1["choices"]] == ["The quick brown "] * 2
-    assert all("logprobs" in c for c in r1["choices"]) and "logprobs" not in r0["choices"][0]
+    assert all(c["logprobs"] is not None for c in r1["choices"]) and r0["choices"][0]["logprobs"] is None
     assert r2["usage"]["completion_tokens"] == 6 and r2["choices"][0]["finish_reason"] == "length"
     assert r3["usage"]["completion_tokens"] == 3
     with pytest.raises(MlflowException):

@@ -91,5 +91,21 @@ class Engine(ABC):
         """Async stream of chunks; closing the iterator cancels the request's generation."""
         raise InvalidRequestError(f"{self.inference_task} does not support streaming.", param="stream")
 
+    def tokenize(self, request: BaseModel) -> BaseModel:
+        """vLLM's /tokenize: a TokenizeCompletionRequest or TokenizeChatRequest -> TokenizeResponse."""
+        raise InvalidRequestError(
+            f"The model '{self.model_name}' ({self.inference_task}) has no /tokenize; name a chat or "
+            "completions model.",
+            param="model",
+        )
+
+    def detokenize(self, request: BaseModel) -> BaseModel:
+        """vLLM's /detokenize: a DetokenizeRequest -> DetokenizeResponse."""
+        raise InvalidRequestError(
+            f"The model '{self.model_name}' ({self.inference_task}) has no /detokenize; name a chat or "
+            "completions model.",
+            param="model",
+        )
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Stop background workers."""

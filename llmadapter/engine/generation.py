@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from llmadapter.catalog import TaskSpec
 from llmadapter.config import GenerationParams, ModelConfig
 from llmadapter.engine.base import Engine, EngineStats
+from llmadapter.engine.chat_template import ChatTemplate
 from llmadapter.engine.formats import FORMATS, Job
 from llmadapter.engine.sampling import RowSampler
 from llmadapter.engine.scheduler import Scheduler
@@ -22,7 +23,15 @@ from llmadapter.engine.scheduler import Sequence as Seq
 from llmadapter.engine.sink import LoopSink, Sink, ThreadSink
 from llmadapter.engine.stops import IncrementalDecoder, StopMatcher
 from llmadapter.errors import ContextLengthError, InvalidRequestError
-from llmadapter.protocol import new_id, now
+from llmadapter.protocol import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
+    new_id,
+    now,
+)
 
 _GEN_REQUESTS = tuple(f.request_model for f in FORMATS.values())
 
@@ -72,6 +81,7 @@ class GenerationEngine(Engine):
         self.model_name = model_name
         self.stats = EngineStats()
         self._format = FORMATS[spec.inference_task](spec, tokenizer, model_name)
+        self._template = ChatTemplate(tokenizer)
         self._window = _context_window(model, config)
         self._vocab = int(model.get_output_embeddings().weight.shape[0])
         self.scheduler = Scheduler(
@@ -198,6 +208,36 @@ class GenerationEngine(Engine):
     def _answer(self, job: Job) -> BaseModel:
         job.raise_error()
         return self._format.response(job)
+
+    # -- tokenizer routes (vLLM's /tokenize and /detokenize) -------------------------------------
+
+    def tokenize(self, request: BaseModel) -> TokenizeResponse:
+        if isinstance(request, TokenizeChatRequest):
+            tools = [tool.model_dump(exclude_none=True) for tool in request.tools] if request.tools else None
+            text = self._template.render(
+                request.messages,
+                generation_prompt=request.generation_prompt(),
+                continue_final=request.continue_final_message,
+                template_kwargs=request.chat_template_kwargs,
+                tools=tools,
+            )
+            ids = self._template.encode(text, add_special_tokens=request.add_special_tokens)
+        elif isinstance(request, TokenizeCompletionRequest):
+            ids = list(
+                self.tokenizer(request.prompt, add_special_tokens=request.add_special_tokens)["input_ids"]
+            )
+        else:
+            raise InvalidRequestError("Expected a tokenize request.", param=None)
+        strs = (
+            [str(s) for s in self.tokenizer.convert_ids_to_tokens(ids)] if request.return_token_strs else None
+        )
+        return TokenizeResponse(count=len(ids), max_model_len=self._window, tokens=ids, token_strs=strs)
+
+    def detokenize(self, request: BaseModel) -> DetokenizeResponse:
+        if not isinstance(request, DetokenizeRequest):
+            raise InvalidRequestError("Expected a detokenize request.", param=None)
+        self._check_token_ids("tokens", request.tokens)
+        return DetokenizeResponse(prompt=str(self.tokenizer.decode(request.tokens)))
 
     # -- sync API (pyfunc) ---------------------------------------------------------------------
 

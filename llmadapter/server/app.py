@@ -32,7 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmadapter.engine.base import Engine
 from llmadapter.errors import AuthenticationError, OverloadedError
-from llmadapter.server import invocations, openai_routes
+from llmadapter.server import invocations, openai_routes, tokenizer_routes
 from llmadapter.server.context import ServerContext
 from llmadapter.server.errors import ErrorAnswer, ModelLoadingError, to_error_answer
 from llmadapter.server.lifetime import ClientDisconnected
@@ -197,6 +197,7 @@ def build_app(
     metrics = ServerMetrics(lambda: models.engines)
     guarded = [Depends(_key_check(settings))]
     routers = [(openai_routes.router, guarded), (invocations.router, guarded), (_probes(models, metrics), [])]
+    routers += tokenizer_routes.routers(guarded)
     # Metrics label these paths as themselves and any other path (unknown, or with a model id) "other".
     paths = (r.path for router, _ in routers for r in router.routes if isinstance(r, APIRoute))
     errors = _Errors(metrics, frozenset(path for path in paths if "{" not in path))

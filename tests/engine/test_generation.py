@@ -271,7 +271,9 @@ def test_completions_echo_and_logprobs(completions: GenerationEngine) -> None:
     assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
     assert all(lp is not None and lp <= 0 for lp in logprobs.token_logprobs[1:])
     assert all(len(top) <= 2 for top in logprobs.top_logprobs[1:])
-    assert logprobs.text_offset[: len(prompt_ids)] == [prompt.find(t) for t in logprobs.tokens[: len(prompt_ids)]]
+    assert logprobs.text_offset[: len(prompt_ids)] == [
+        prompt.find(t) for t in logprobs.tokens[: len(prompt_ids)]
+    ]
     assert logprobs.text_offset[len(prompt_ids)] == len(prompt)
     assert "".join(logprobs.tokens) == prompt + generated
     assert response.usage.prompt_tokens == len(prompt_ids)

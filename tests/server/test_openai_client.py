@@ -225,8 +225,10 @@ def test_completions_with_echo_logprobs_and_several_prompts(server: RunningServe
     choice = response.choices[0]
     assert choice.text.startswith("The quick brown fox")
     assert choice.finish_reason == "length"
-    assert choice.logprobs is not None and len(choice.logprobs.tokens or []) == 4
-    assert all(len(top) == 2 for top in choice.logprobs.top_logprobs or [])
+    # The echoed prompt's tokens first (the first one unscored), then the 4 generated ones.
+    assert choice.logprobs is not None and len(choice.logprobs.tokens or []) == 3 + 4
+    assert (choice.logprobs.top_logprobs or [])[0] is None
+    assert all(len(top) == 2 for top in (choice.logprobs.top_logprobs or [])[1:])
     several = client.completions.create(
         model=COMPLETIONS_ID, prompt=["The quick brown", "Café"], temperature=0, max_tokens=3
     )

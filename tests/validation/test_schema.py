@@ -18,7 +18,15 @@ CHAT_ANSWER: dict[str, Any] = {
     "object": "chat.completion",
     "created": 1,
     "model": "m",
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Paris"}, "finish_reason": "stop"}],
+    # `refusal` and `logprobs` as our answers carry them: the spec requires them, null when empty.
+    "choices": [
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": "Paris", "refusal": None},
+            "finish_reason": "stop",
+            "logprobs": None,
+        }
+    ],
     "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
 }
 COMPLETION_ANSWER: dict[str, Any] = {
@@ -26,7 +34,7 @@ COMPLETION_ANSWER: dict[str, Any] = {
     "object": "text_completion",
     "created": 1,
     "model": "m",
-    "choices": [{"index": 0, "text": " Paris", "finish_reason": "stop"}],
+    "choices": [{"index": 0, "text": " Paris", "finish_reason": "stop", "logprobs": None}],
     "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
 }
 EMBEDDING_ANSWER: dict[str, Any] = {
