@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_va
 
 from llmadapter.config import GenerationParams, ModelConfig
 from llmadapter.errors import InvalidRequestError, first_error
-from llmadapter.protocol.base import WireRequest
+from llmadapter.protocol.base import WireRequest, unsupported
 from llmadapter.protocol.messages import ChatMessage, FunctionCallChoice, FunctionDefinition, Tool, ToolChoice
 from llmadapter.protocol.optional import (
     Metadata,
@@ -279,10 +279,7 @@ class CompletionRequest(_SamplingFields):
         if value is not None and value < n:
             raise ValueError(f"'best_of' must be at least n ({n})")
         if value is not None and value > n:
-            raise ValueError(
-                f"best_of={value} asks for {value} candidates to pick the best {n} from, which this server "
-                "does not do; leave it out or set it to n"
-            )
+            raise unsupported("best_of", f"the best {n} of {value} candidates (leave it out, or set it to n)")
         return value
 
     @field_validator("suffix")
