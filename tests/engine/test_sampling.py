@@ -87,6 +87,38 @@ def test_filter_top_p_keeps_the_first_token_always() -> None:
     assert torch.isfinite(out).tolist() == [True, False, False]
 
 
+def test_top_p_zero_keeps_only_the_most_likely_token() -> None:
+    # The spec's range for top_p is [0, 1]; 0 leaves the nucleus its first token.
+    assert set(draws({"top_p": 0.0}, RAMP, 100)) == {7}
+
+
+def test_min_p_keeps_tokens_near_the_most_likely_one() -> None:
+    # Probabilities 0.5, 0.3, 0.2: min_p 0.5 keeps tokens with p >= 0.25 (vLLM: relative to the top token).
+    scores = [float(torch.log(torch.tensor(p))) for p in (0.5, 0.3, 0.2)] + [-1e9] * (VOCAB - 3)
+    assert set(draws({"min_p": 0.5}, scores, 300)) == {0, 1}
+    assert set(draws({"min_p": 1.0}, scores, 100)) == {0}
+    assert set(draws({"min_p": 0.0}, scores, 300)) == {0, 1, 2}
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits() -> None:
+    """vLLM (and transformers): on tokens of the prompt and the output, logit / p if > 0, else logit * p."""
+    sampler = RowSampler.create(params(temperature=0.0, repetition_penalty=2.0), 0, prompt_ids=[0])
+    sampler.observe(1)
+    scores = logits([2.0, -2.0, 1.5])
+    choose_tokens(scores, [sampler])
+    assert scores[0].tolist() == pytest.approx([1.0, -4.0, 1.5])  # token 2 was never seen
+    assert choose_tokens(logits([2.0, -2.0, 1.5]), [sampler]) == [2]
+
+
+def test_min_tokens_bans_eos_and_stop_token_ids_until_reached() -> None:
+    sampler = RowSampler.create(params(temperature=0.0, min_tokens=2, stop_token_ids=(6,)), 0, eos_ids=[7])
+    assert choose_tokens(logits(RAMP), [sampler]) == [5]  # 7 (EOS) and 6 (a stop token) banned
+    sampler.observe(5)
+    assert choose_tokens(logits(RAMP), [sampler]) == [5]
+    sampler.observe(5)
+    assert choose_tokens(logits(RAMP), [sampler]) == [7]  # two generated: EOS may end it
+
+
 def test_temperature_sharpens_and_flattens() -> None:
     cold = draws({"temperature": 0.2}, RAMP, 300)
     hot = draws({"temperature": 2.0}, RAMP, 300)

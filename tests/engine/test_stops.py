@@ -107,6 +107,22 @@ def test_stop_matcher_ignores_text_after_a_match() -> None:
     assert matcher.final_text == "go "
 
 
+def test_stop_matcher_include_keeps_the_earliest_stop_string() -> None:
+    """vLLM's include_stop_str_in_output: the text ends after the stop string instead of before it."""
+    matcher = StopMatcher(("lazy", "dog"), include=True)
+    assert matcher.feed("the la") + matcher.feed("zy dog") == "the lazy"
+    assert matcher.final_text == "the lazy" and matcher.finish() == ""
+
+
+def test_stop_matcher_does_not_search_unsearchable_text() -> None:
+    """vLLM's min_tokens: text fed before the minimum is emitted whole, and never matched later either."""
+    matcher = StopMatcher(("fox",))
+    assert matcher.feed("The fo", searchable=False) == "The fo"  # nothing held back
+    assert matcher.feed("x jumps") == "x jumps"  # "fo" + "x" straddles the boundary: not a match
+    assert matcher.feed(", the fox") == ", the "
+    assert matcher.final_text == "The fox jumps, the "
+
+
 _ALPHABET = "abAB é日"
 
 
