@@ -461,6 +461,88 @@ def test_completions_echo_logprobs_and_stop(saved: Saver, trained_model: Path) -
     assert stopped["choices"][0]["finish_reason"] == "stop"
 
 
+# vLLM's fields through pyfunc: MLflow's schema enforcement keeps them (the signature declares them), and
+# each answer is the engine's own answer to the same request (tests/engine/test_vllm_fields.py: what it is).
+PYFUNC_VLLM_FIELDS = [  # (id, model, task, the request without vLLM's fields, vLLM's fields)
+    ("min_tokens", "trained", CHAT, {"max_tokens": 40}, {"min_tokens": 40}),
+    ("ignore_eos", "trained", CHAT, {"max_tokens": 40}, {"ignore_eos": True}),
+    ("stop_token_ids", "trained", CHAT, {}, {"stop_token_ids": [268]}),
+    ("include_stop_str_in_output", "trained", CHAT, {"stop": ["fox"]}, {"include_stop_str_in_output": True}),
+    ("prompt_logprobs", "trained", CHAT, {}, {"prompt_logprobs": 1}),
+    ("truncate_prompt_tokens", "trained", CHAT, {}, {"truncate_prompt_tokens": 3}),
+    ("add_generation_prompt", "trained", CHAT, {}, {"add_generation_prompt": False}),
+    (
+        "continue_final_message",
+        "trained",
+        CHAT,
+        {"messages": [*HELLO, {"role": "assistant", "content": "The quick"}]},
+        {"continue_final_message": True},
+    ),
+    ("min_p", "untrained", CHAT, {"temperature": 1.5, "seed": 3}, {"min_p": 1.0}),
+    ("repetition_penalty", "untrained", CHAT, {}, {"repetition_penalty": 3.0}),
+    ("completions-prompt_logprobs", "trained", COMPLETIONS, {}, {"prompt_logprobs": 2}),
+    (
+        "completions-truncate_prompt_tokens",
+        "trained",
+        COMPLETIONS,
+        {"echo": True},
+        {"truncate_prompt_tokens": 2},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("which", "task", "common", "fields"),
+    [c[1:] for c in PYFUNC_VLLM_FIELDS],
+    ids=[c[0] for c in PYFUNC_VLLM_FIELDS],
+)
+def test_vllm_fields_through_pyfunc(
+    saved: Saver,
+    trained_model: Path,
+    tiny_gpt2: Path,
+    which: str,
+    task: str,
+    common: dict[str, Any],
+    fields: dict[str, Any],
+) -> None:
+    model = saved(trained_model if which == "trained" else tiny_gpt2, task)
+    base = {"messages": HELLO} if task == CHAT else {"prompt": "The quick brown fox"}
+    base |= {"temperature": 0, "max_tokens": 12, **common}
+    got = model.predict({**base, **fields})
+    engine = model.get_raw_model()
+    (direct,) = engine.run([engine.parse({**base, **fields})])
+    expected = direct.model_dump(exclude_none=True)
+    assert (got["choices"], got["usage"]) == (expected["choices"], expected["usage"])
+    assert got.get("prompt_logprobs") == expected.get("prompt_logprobs")
+    without = model.predict(base)
+    assert (got["choices"], got["usage"], got.get("prompt_logprobs")) != (
+        without["choices"],
+        without["usage"],
+        without.get("prompt_logprobs"),
+    )
+
+
+def test_spec_fields_and_template_kwargs_through_pyfunc(trained: Any) -> None:
+    spec_no_ops = {
+        "store": False,
+        "metadata": {"team": "search"},
+        "service_tier": "auto",
+        "response_format": {"type": "text"},
+        "modalities": ["text"],
+        "safety_identifier": "u-1",
+        "prompt_cache_key": "k",
+    }
+    answer = trained.predict({"messages": HELLO, "temperature": 0, **spec_no_ops})
+    assert content(answer) == TRAINED_ANSWER and answer["service_tier"] == "default"
+    with pytest.raises(InvalidRequestError) as info:
+        trained.predict({"messages": HELLO, "store": True})
+    assert info.value.param == "store"
+    # A renderer parameter among the template kwargs is refused: the nested map arrived intact.
+    with pytest.raises(InvalidRequestError) as info:
+        trained.predict({"messages": HELLO, "chat_template_kwargs": {"tokenize": True, "x": {"y": [1]}}})
+    assert info.value.param == "chat_template_kwargs"
+
+
 def test_tools_reach_a_template_that_renders_them(saved: Saver, bos_model: Path, trained: Any) -> None:
     # MLflow's own tools schema (kept in our signature) requires parameters.properties.
     parameters = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
