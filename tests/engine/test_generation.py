@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import transformers
 
-from llmadapter.catalog import CHAT, COMPLETIONS, get_task
-from llmadapter.config import ModelConfig
+from llmadapter.catalog import CHAT
 from llmadapter.engine.generation import GenerationEngine
 from llmadapter.errors import ContextLengthError, InvalidRequestError, LLMAdapterError
 from llmadapter.protocol import (
@@ -21,45 +19,9 @@ from llmadapter.protocol import (
     CompletionResponse,
 )
 from llmadapter.testing import TRAINED_ANSWER, TRAINED_PROMPT
+from tests.engine.conftest import make_engine
 
 HELLO = [{"role": "user", "content": TRAINED_PROMPT}]
-
-
-def make_engine(folder: Path, task: str = CHAT, **config: Any) -> GenerationEngine:
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder))
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
-    return GenerationEngine(
-        model, tokenizer, spec=get_task(task), config=ModelConfig(**config), model_name=folder.name
-    )
-
-
-@pytest.fixture(scope="module")
-def chat(trained_model: Path) -> Iterator[GenerationEngine]:
-    engine = make_engine(trained_model, temperature=0.0)
-    yield engine
-    engine.close()
-
-
-@pytest.fixture(scope="module")
-def completions(trained_model: Path) -> Iterator[GenerationEngine]:
-    engine = make_engine(trained_model, COMPLETIONS, temperature=0.0)
-    yield engine
-    engine.close()
-
-
-@pytest.fixture(scope="module")
-def bos(bos_model: Path) -> Iterator[GenerationEngine]:
-    engine = make_engine(bos_model, temperature=0.0)
-    yield engine
-    engine.close()
-
-
-@pytest.fixture(scope="module")
-def sampled(tiny_gpt2: Path) -> Iterator[GenerationEngine]:
-    """Untrained model with OpenAI defaults (temperature 1): near-uniform, so sampling shows."""
-    engine = make_engine(tiny_gpt2)
-    yield engine
-    engine.close()
 
 
 def run(engine: GenerationEngine, **body: Any) -> Any:

@@ -33,6 +33,8 @@ def draws(sampler_kwargs: dict[str, Any], scores: list[float], count: int, seed:
 
 FLAT = [0.0] * VOCAB
 RAMP = [float(i) for i in range(VOCAB)]  # token 7 most likely, 0 least
+# Probabilities 0.5, 0.3, 0.2 for tokens 0, 1, 2, then ~0.
+THREE = [float(torch.log(torch.tensor(p))) for p in (0.5, 0.3, 0.2)] + [-1e9] * (VOCAB - 3)
 
 
 def test_greedy_picks_argmax_without_a_generator() -> None:
@@ -74,12 +76,22 @@ def test_top_k_keeps_only_the_k_best() -> None:
     assert set(draws({"top_k": 1}, RAMP, 50)) == {7}
 
 
-def test_top_p_keeps_the_smallest_nucleus() -> None:
-    # Probabilities 0.5, 0.3, 0.2 (then ~0): top_p 0.7 keeps the first two, top_p 0.5 only the first.
-    scores = [float(torch.log(torch.tensor(p))) for p in (0.5, 0.3, 0.2)] + [-1e9] * (VOCAB - 3)
-    assert set(draws({"top_p": 0.7}, scores, 300)) == {0, 1}
-    assert set(draws({"top_p": 0.5}, scores, 100)) == {0}
-    assert set(draws({"top_p": 1.0}, scores, 300)) == {0, 1, 2}
+@pytest.mark.parametrize(
+    ("option", "value", "kept"),
+    [
+        ("top_p", 0.7, {0, 1}),
+        ("top_p", 0.5, {0}),
+        ("top_p", 1.0, {0, 1, 2}),
+        ("min_p", 0.5, {0, 1}),
+        ("min_p", 1.0, {0}),
+        ("min_p", 0.0, {0, 1, 2}),
+    ],
+    ids=lambda v: str(v),
+)
+def test_top_p_and_min_p_keep_the_expected_tokens(option: str, value: float, kept: set[int]) -> None:
+    """top_p: the smallest nucleus holding that mass; min_p (vLLM): tokens at least min_p times as likely
+    as the most likely one (0.5 keeps p >= 0.25 here)."""
+    assert set(draws({option: value}, THREE, 300)) == kept
 
 
 def test_filter_top_p_keeps_the_first_token_always() -> None:
@@ -90,14 +102,6 @@ def test_filter_top_p_keeps_the_first_token_always() -> None:
 def test_top_p_zero_keeps_only_the_most_likely_token() -> None:
     # The spec's range for top_p is [0, 1]; 0 leaves the nucleus its first token.
     assert set(draws({"top_p": 0.0}, RAMP, 100)) == {7}
-
-
-def test_min_p_keeps_tokens_near_the_most_likely_one() -> None:
-    # Probabilities 0.5, 0.3, 0.2: min_p 0.5 keeps tokens with p >= 0.25 (vLLM: relative to the top token).
-    scores = [float(torch.log(torch.tensor(p))) for p in (0.5, 0.3, 0.2)] + [-1e9] * (VOCAB - 3)
-    assert set(draws({"min_p": 0.5}, scores, 300)) == {0, 1}
-    assert set(draws({"min_p": 1.0}, scores, 100)) == {0}
-    assert set(draws({"min_p": 0.0}, scores, 300)) == {0, 1, 2}
 
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative_logits() -> None:

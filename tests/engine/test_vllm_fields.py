@@ -5,6 +5,7 @@ truncate_prompt_tokens, chat_template_kwargs, add_generation_prompt, continue_fi
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,36 +13,12 @@ from typing import Any
 import pytest
 import transformers
 
-from llmadapter.catalog import CHAT, COMPLETIONS, get_task
-from llmadapter.config import ModelConfig
 from llmadapter.engine.generation import GenerationEngine
 from llmadapter.errors import ContextLengthError, InvalidRequestError
 from llmadapter.protocol import TokenizeChatRequest
 from llmadapter.testing import CHATML_TEMPLATE, TRAINED_ANSWER, TRAINED_PROMPT
-from tests.engine.test_generation import HELLO, make_engine, run
-
-
-@pytest.fixture(scope="module")
-def chat(trained_model: Path) -> Iterator[GenerationEngine]:
-    engine = make_engine(trained_model, temperature=0.0)
-    yield engine
-    engine.close()
-
-
-@pytest.fixture(scope="module")
-def completions(trained_model: Path) -> Iterator[GenerationEngine]:
-    engine = make_engine(trained_model, COMPLETIONS, temperature=0.0)
-    yield engine
-    engine.close()
-
-
-@pytest.fixture(scope="module")
-def untrained(tiny_gpt2: Path) -> Iterator[GenerationEngine]:
-    """Near-uniform next-token distributions: sampling and penalties show."""
-    engine = make_engine(tiny_gpt2)
-    yield engine
-    engine.close()
-
+from tests.engine.conftest import make_engine
+from tests.engine.test_generation import HELLO, run
 
 # A template that reads a variable of its own and a reasoning switch, as reasoning models' templates do.
 NOTE_TEMPLATE = (
@@ -51,13 +28,14 @@ NOTE_TEMPLATE = (
 
 
 @pytest.fixture(scope="module")
-def noted(trained_model: Path) -> Iterator[GenerationEngine]:
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(trained_model))
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(trained_model))
+def noted(trained_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GenerationEngine]:
+    """The trained model with NOTE_TEMPLATE as its chat template."""
+    folder = tmp_path_factory.mktemp("noted") / "model"
+    shutil.copytree(trained_model, folder)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
     tokenizer.chat_template = NOTE_TEMPLATE
-    engine = GenerationEngine(
-        model, tokenizer, spec=get_task(CHAT), config=ModelConfig(temperature=0.0), model_name="noted"
-    )
+    tokenizer.save_pretrained(str(folder))
+    engine = make_engine(folder, temperature=0.0)
     yield engine
     engine.close()
 
@@ -136,12 +114,13 @@ def test_include_stop_str_in_output_keeps_the_stop_string(chat: GenerationEngine
 # --- min_p, repetition_penalty -------------------------------------------------------------------------
 
 
-def test_min_p_one_keeps_only_the_most_likely_token(untrained: GenerationEngine) -> None:
-    greedy = content(run(untrained, temperature=0, max_tokens=12))
-    sampled = [content(run(untrained, temperature=1.5, seed=s, max_tokens=12)) for s in range(3)]
-    assert any(s != greedy for s in sampled)  # without min_p, sampling wanders
+def test_min_p_one_keeps_only_the_most_likely_token(sampled: GenerationEngine) -> None:
+    """On the untrained model (near-uniform next tokens), where sampling wanders."""
+    greedy = content(run(sampled, temperature=0, max_tokens=12))
+    wandering = [content(run(sampled, temperature=1.5, seed=s, max_tokens=12)) for s in range(3)]
+    assert any(text != greedy for text in wandering)  # without min_p, sampling wanders
     assert all(
-        content(run(untrained, temperature=1.5, seed=s, max_tokens=12, min_p=1.0)) == greedy for s in range(3)
+        content(run(sampled, temperature=1.5, seed=s, max_tokens=12, min_p=1.0)) == greedy for s in range(3)
     )
 
 
@@ -149,11 +128,11 @@ def _generated_ids(response: Any, engine: GenerationEngine) -> list[int]:
     return [engine.tokenizer.convert_tokens_to_ids(t.token) for t in response.choices[0].logprobs.content]
 
 
-def test_repetition_penalty_above_one_repeats_less(untrained: GenerationEngine) -> None:
-    plain = run(untrained, temperature=0, max_tokens=40, logprobs=True)
-    penalized = run(untrained, temperature=0, max_tokens=40, logprobs=True, repetition_penalty=3.0)
-    assert len(set(_generated_ids(penalized, untrained))) > len(set(_generated_ids(plain, untrained)))
-    assert content(run(untrained, temperature=0, max_tokens=40, repetition_penalty=1.0)) == content(plain)
+def test_repetition_penalty_above_one_repeats_less(sampled: GenerationEngine) -> None:
+    plain = run(sampled, temperature=0, max_tokens=40, logprobs=True)
+    penalized = run(sampled, temperature=0, max_tokens=40, logprobs=True, repetition_penalty=3.0)
+    assert len(set(_generated_ids(penalized, sampled))) > len(set(_generated_ids(plain, sampled)))
+    assert content(run(sampled, temperature=0, max_tokens=40, repetition_penalty=1.0)) == content(plain)
 
 
 # --- prompt_logprobs, echo with logprobs ------------------------------------------------------------------

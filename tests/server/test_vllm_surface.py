@@ -15,16 +15,9 @@ import pytest
 
 from llmadapter.engine.base import Engine
 from llmadapter.server.app import build_app
+from llmadapter.server.settings import ServerSettings
 from llmadapter.testing import TRAINED_ANSWER, TRAINED_PROMPT
-from tests.server.conftest import (
-    CHAT_ID,
-    COMPLETIONS_ID,
-    EMBEDDINGS_ID,
-    LONG_ID,
-    RunningServer,
-    serve,
-    settings,
-)
+from tests.server.conftest import CHAT_ID, COMPLETIONS_ID, EMBEDDINGS_ID, LONG_ID, RunningServer, serve
 
 HELLO = [{"role": "user", "content": TRAINED_PROMPT}]
 PREFIX = "The quick brown"
@@ -222,7 +215,7 @@ def test_version_is_open_and_tokenize_is_behind_the_key(
     engines: dict[str, Engine], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("LLMADAPTER_TEST_VLLM_KEY", "sekret")
-    with serve(build_app(engines, settings(api_key_env="LLMADAPTER_TEST_VLLM_KEY"))) as running:
+    with serve(build_app(engines, ServerSettings(api_key_env="LLMADAPTER_TEST_VLLM_KEY"))) as running:
         version = httpx.get(f"{running.url}/version")
         assert version.status_code == 200 and version.json()["version"]
         body = {"model": CHAT_ID, "prompt": "x"}
