@@ -81,7 +81,7 @@ class ChatMessage(WireRequest):
 
     def text(self) -> str:
         if self.content is None:
-            return ""
+            return self.refusal or ""  # an earlier refusal is what the assistant said
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text if part.type == "text" else part.refusal for part in self.content)
