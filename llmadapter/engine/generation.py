@@ -169,6 +169,7 @@ class GenerationEngine(Engine):
         return [p for p, _ in cut], [t for _, t in cut]
 
     def decode(self, ids: list[int]) -> str:
+        """Token ids as answer text (special tokens left out, as in every answer)."""
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
     def _sequences(self, job: Job, sink: Sink) -> list[Seq]:
