@@ -33,6 +33,10 @@ SCHEMAS = {
 }
 
 
+def _name(route: str) -> str:
+    return "chat" if route == CHAT_ROUTE else "completions"
+
+
 def chat(**fields: Any) -> dict[str, Any]:
     return {"model": CHAT_ID, "messages": HELLO, "temperature": 0, "max_tokens": 60, **fields}
 
@@ -166,9 +170,7 @@ NO_OPS = [(CHAT_ROUTE, f, v) for f, v in CHAT_NO_OPS.items()] + [
 ]
 
 
-@pytest.mark.parametrize(
-    ("route", "field", "value"), NO_OPS, ids=[f"{r.rsplit('/', 1)[-1]}-{f}" for r, f, _ in NO_OPS]
-)
+@pytest.mark.parametrize(("route", "field", "value"), NO_OPS, ids=[f"{_name(r)}-{f}" for r, f, _ in NO_OPS])
 def test_every_optional_field_of_the_spec_is_accepted(
     server: RunningServer, route: str, field: str, value: Any
 ) -> None:
@@ -376,9 +378,7 @@ SWEEP = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("route", "body"), SWEEP, ids=[f"{r.rsplit('/', 1)[-1]}-{i}" for i, (r, _) in enumerate(SWEEP)]
-)
+@pytest.mark.parametrize(("route", "body"), SWEEP, ids=[f"{_name(r)}-{i}" for i, (r, _) in enumerate(SWEEP)])
 def test_answers_and_chunks_match_the_spec_schemas(
     server: RunningServer, route: str, body: dict[str, Any]
 ) -> None:
