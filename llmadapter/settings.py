@@ -1,5 +1,4 @@
-"""Environment settings (prefix LLMADAPTER_): the data dir, the MLflow stores and how MLflow's HTTP client
-gives up on a tracking server that does not answer.
+"""Environment settings (prefix LLMADAPTER_): the data dir, the MLflow stores, MLflow's HTTP retries.
 
 Precedence for each MLflow URI: LLMADAPTER_TRACKING_URI / LLMADAPTER_REGISTRY_URI, then MLflow's own
 MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI (the fields' AliasChoices, in that order), then a SQLite store
@@ -56,8 +55,8 @@ class LLMAdapterSettings(BaseSettings):
         float, Field(gt=0, le=24 * 3600, description="Limit for the fresh validation process.")
     ] = 900.0
 
-    # With these defaults a request to a server that refuses connections fails after ~5 s (retries after
-    # 0 s and 4 s + jitter), one that accepts but never answers after 3 x 20 s + 4 s: about a minute.
+    # With these defaults a request to a server that refuses connections fails after about 4 s (retries
+    # after 0 s and 4 s + jitter), one to a server that never answers after 3 x 20 s + 4 s (64 s measured).
     mlflow_http_max_retries: Annotated[
         int,
         Field(

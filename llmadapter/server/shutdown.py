@@ -38,6 +38,7 @@ from llmadapter.server.errors import ErrorAnswer
 log = logging.getLogger("llmadapter.server")
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# A signal this soon after the first is the same stop delivered twice, not a person insisting.
 SAME_STOP_S = 1.0
 # After the grace, how long the cancelled requests' answers may take to go out before uvicorn itself
 # cancels whatever is left.
