@@ -21,7 +21,10 @@ def serve(
 ) -> int:
     """Serve a registered model until the server stops (cancel the flow run to stop it).
 
-    A server that exits on its own with a non-zero code (a crash) fails the flow run.
+    SIGTERM or SIGINT, to this flow's process (Kubernetes, systemd, Ctrl-C, Prefect's cancellation) or
+    to the server, drains the server (LLMADAPTER_SHUTDOWN_GRACE_S) and completes the run (a run that
+    Prefect is cancelling still ends Cancelled); a server that exits with a non-zero code (a crash, or a
+    second signal that cut the drain short) fails it.
 
     Args:
         model_name: Registered model to serve at `alias` (models:/model_name@alias).

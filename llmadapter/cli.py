@@ -100,12 +100,14 @@ def set_torch_threads(threads: int) -> None:
 
 
 def _point_mlflow_at_stores() -> None:
-    """models:/ and runs:/ URIs resolve against the project's stores (LLMADAPTER_* / MLFLOW_* / default)."""
+    """models:/ and runs:/ URIs resolve against the project's stores (LLMADAPTER_* / MLFLOW_* / default),
+    and a tracking server that does not answer fails the load within our HTTP limits."""
     import mlflow
 
-    from llmadapter.settings import get_settings
+    from llmadapter.settings import apply_mlflow_http_settings, get_settings
 
     project = get_settings()
+    apply_mlflow_http_settings(project)
     mlflow.set_tracking_uri(project.resolved_tracking_uri())
     mlflow.set_registry_uri(project.resolved_registry_uri())
 
@@ -141,18 +143,14 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import uvicorn
 
     from llmadapter.server.app import build_app
+    from llmadapter.server.shutdown import GracefulServer
 
     set_torch_threads(settings.torch_threads)
     _point_mlflow_at_stores()
     app = build_app({}, settings, loading=names)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=10,
-    )
-    server = uvicorn.Server(config)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    # SIGTERM / SIGINT: drain within shutdown_grace_s, then return here (see llmadapter.server.shutdown).
+    server = GracefulServer(config, app.state.shutdown)
     loaded: list[Engine] = []
     failed: list[str] = []
     # Models load in the background so that /health answers at once and /ready tells when they are in.
@@ -165,12 +163,11 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     loader.start()
     try:
         server.run()
-    except KeyboardInterrupt:
-        pass  # uvicorn re-raises the Ctrl-C it handled once it has shut down: a normal stop
     finally:
         loader.join(timeout=1)
         for engine in loaded:
             engine.close()
+        log.info("closed %d engine(s): %s", len(loaded), ", ".join(e.model_name for e in loaded) or "none")
     if failed:
         print(f"llmadapter serve: could not load {'; '.join(failed)}", file=sys.stderr)
         return 1

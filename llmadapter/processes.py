@@ -1,22 +1,50 @@
-"""Server child processes: start one, wait until its readiness URL answers 200, stop it."""
+"""Child processes: start one that dies with its parent, wait until its readiness URL answers 200, stop it."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from llmadapter.errors import LLMAdapterError
 
-__all__ = ["answers", "free_port", "running", "stop", "wait_until_ready"]
+__all__ = ["answers", "die_with_parent", "free_port", "running", "stop", "wait_until_ready"]
 
 # How much of a server's log an error quotes when the server does not start.
 _LOG_TAIL_CHARS = 3000
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(signum: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A `preexec_fn` for Popen that has the child sent `signum` when its parent dies, however it dies
+    (kill -9 included, when no finally block or atexit hook runs); None where Linux's prctl is missing.
+
+    The kernel sends it when the *thread* that started the child exits, so start the child from a
+    thread that outlives it (the main thread, or the one that waits for the child).
+    """
+    if sys.platform != "linux":
+        return None
+    try:
+        # Looked up here, in the parent: the forked child only calls it (no dlopen between fork and exec).
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def arm() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signum))
+        if os.getppid() != parent:  # the parent died before the line above: nobody would send it
+            os.kill(os.getpid(), signum)
+
+    return arm
 
 
 def free_port() -> int:

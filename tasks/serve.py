@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 from types import FrameType
 
@@ -14,10 +13,12 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact
 
 from llmadapter.errors import LLMAdapterError
-from llmadapter.processes import stop, wait_until_ready
+from llmadapter.processes import die_with_parent, stop, wait_until_ready
+from llmadapter.server.settings import ServerSettings
+from llmadapter.server.shutdown import ANSWER_MARGIN_S, SIGNALS
 from tasks.validate import artifact_key
 
-_PR_SET_PDEATHSIG = 1
+_CLOSE_S = 10.0  # after the drain: closing the engines and leaving the interpreter
 
 
 def server_command(model_uri: str, host: str, port: int, extra_args: Sequence[str] = ()) -> list[str]:
@@ -36,13 +37,6 @@ def server_command(model_uri: str, host: str, port: int, extra_args: Sequence[st
     ]
 
 
-def _die_with_parent() -> None:
-    # Linux: the server gets SIGTERM when the thread that started it dies, however it dies (a worker
-    # that cancels a run may kill the process; no finally block runs then).
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 @task(name="serve", task_run_name="serve {model_uri} on {host}:{port}")
 def run_server(
     model_uri: str,
@@ -53,27 +47,29 @@ def run_server(
 ) -> int:
     """Start `llmadapter serve MODEL_URI`, wait until /ready answers, then run until the server exits.
 
-    Returns 0 after a clean shutdown and raises LLMAdapterError when the server dies with another code.
-    SIGTERM to this process stops the server first, so cancelling the flow run never leaves an orphan
-    listening on the port.
+    Returns 0 when the server stops cleanly, which is how it answers SIGTERM or SIGINT, sent to it or to
+    this process (forwarded: the server drains its requests within its shutdown grace), so a plain stop
+    completes the run. Raises LLMAdapterError when it exits with another code: a crash, or a second
+    signal that cut the drain short.
     """
     logger = get_run_logger()
     command = server_command(model_uri, host, port, extra_args or [])
+    # How long a server told to stop may drain (its settings come from this environment) before a kill.
+    stop_within_s = ServerSettings().shutdown_grace_s + ANSWER_MARGIN_S + _CLOSE_S
     logger.info("Starting: llmadapter serve %s --host %s --port %d", model_uri, host, port)
     # Not prefect's run_process: anyio's open_process under it takes no preexec_fn, and the server must
-    # die with this process (_die_with_parent) even when no finally block gets to run.
-    proc = subprocess.Popen(command, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
-    previous = signal.getsignal(signal.SIGTERM)
+    # die with this thread (it gets SIGTERM, and drains) even when no finally block gets to run (kill -9).
+    proc = subprocess.Popen(command, preexec_fn=die_with_parent())
+    stops: list[str] = []
 
-    def on_term(signum: int, frame: FrameType | None) -> None:
+    def forward(signum: int, frame: FrameType | None) -> None:
         # Only signal here: waiting for the child inside the handler would deadlock on the Popen lock
-        # that the interrupted proc.wait() holds. The finally block below waits for it.
-        proc.terminate()
-        raise SystemExit(128 + signum)
+        # that the interrupted proc.wait() holds; that wait resumes once this returns.
+        stops.append(signal.Signals(signum).name)
+        proc.send_signal(signum)
 
-    in_main_thread = hasattr(signal, "pthread_kill") and _is_main_thread()
-    if in_main_thread:
-        signal.signal(signal.SIGTERM, on_term)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, forward) for sig in SIGNALS} if in_main_thread else {}
     try:
         base = f"http://{host}:{port}"
         wait_until_ready(
@@ -87,18 +83,13 @@ def run_server(
             description=f"`{model_uri}` served by llmadapter (pid {proc.pid}).",
         )
         code = proc.wait()
-        # A stop we asked for (SIGTERM to this process) leaves through on_term's SystemExit and never
-        # gets here: any other non-zero exit is a crash and must fail the run, not complete it.
+        why = f"after {' and '.join(stops)}" if stops else "while serving"
         if code != 0:
-            raise LLMAdapterError(f"The server for {model_uri} exited with code {code} while serving.")
+            raise LLMAdapterError(f"The server for {model_uri} exited with code {code} {why}.")
+        logger.info("The server for %s stopped cleanly (%s).", model_uri, why)
         return code
     finally:
-        stop(proc)
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _is_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
+        # Only still running when this task failed first (not ready in time, an exception here).
+        stop(proc, grace_s=stop_within_s)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

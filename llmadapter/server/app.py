@@ -11,7 +11,9 @@ whoever made the engines owns them (the CLI, a test fixture). Routes live in `op
 - the one error mapping: any exception a route raises becomes its OpenAI error answer, counted in the
   metrics (a stream's mid-stream error event too); a client that disconnected gets no answer (499 in
   the logs and metrics);
-- the middleware that answers those exceptions and counts and times every answer to its last byte.
+- the middleware that answers those exceptions and counts and times every answer to its last byte;
+- the shutdown state (`app.state.shutdown`) and its middleware: 503 while draining, the answers to what
+  the end of the shutdown grace cancels (`shutdown`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from llmadapter.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from llmadapter.server.metrics import ServerMetrics
 from llmadapter.server.served import ServedModels
 from llmadapter.server.settings import ServerSettings
+from llmadapter.server.shutdown import Shutdown, ShutdownMiddleware
 
 log = logging.getLogger("llmadapter.server")
 
@@ -223,6 +226,10 @@ def build_app(
     # Unknown routes and wrong methods are answered by Starlette's own handlers unless replaced.
     app.add_exception_handler(HTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_http_error)
+    # The server's signal handler drains through app.state.shutdown; its middleware sits inside the
+    # answer middleware, which answers the ShuttingDownError it raises.
+    app.state.shutdown = Shutdown(settings.shutdown_grace_s)
+    app.add_middleware(ShutdownMiddleware, shutdown=app.state.shutdown, answer_error=errors.answer)
     app.add_middleware(_AnswerMiddleware, metrics=metrics, errors=errors)
     # Name the variable, never the key.
     guard = (

@@ -56,6 +56,15 @@ class ServerSettings(BaseSettings):
         description="Most generation/embedding requests in flight across all models (queued or running); "
         "more get a 429 with Retry-After. Each engine also bounds its own queue.",
     )
+    shutdown_grace_s: float = Field(
+        default=20.0,
+        ge=0,
+        le=24 * 3600,
+        description="On SIGTERM or SIGINT, how long requests in flight (streams included) may take to "
+        "finish while new ones are refused; what is still running then is cancelled (503, or an error "
+        "event mid-stream) and the server exits 0. A second signal exits at once. Keep it under the "
+        "supervisor's own limit (Kubernetes' terminationGracePeriodSeconds, 30 s by default).",
+    )
     retry_after_s: int = Field(
         default=1, ge=1, le=3600, description="Retry-After seconds sent with 429 and 503 answers."
     )

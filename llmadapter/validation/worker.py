@@ -7,7 +7,9 @@ multiprocessing spawn would re-import the parent's `__main__`: Prefect and the f
 unpicklable state, a tokenizer read from a folder that is gone) fails here, before registration.
 Parent and worker talk over a socket pair (`multiprocessing.Pipe`) whose worker end the worker inherits
 as FD: the worker first sends `Loaded`, then one `Outcome` per request, until the parent hangs up. Its
-stdout and stderr go to a file whose tail the error messages quote.
+stdout and stderr go to a file whose tail the error messages quote. It dies with its parent, even one
+killed -9 while the worker loads or predicts: SIGTERM from the kernel on Linux (PR_SET_PDEATHSIG), and
+everywhere a thread that exits the worker once its parent process is gone.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from multiprocessing.connection import Connection
@@ -28,8 +31,11 @@ from typing import IO, Any, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmadapter.errors import LLMAdapterError
+from llmadapter.processes import die_with_parent
+from llmadapter.settings import mlflow_http_environment
 
 _STOP_WAIT_S = 10.0  # how long a worker that was hung up on may take to exit before it is killed
+_PARENT_POLL_S = 0.5  # how often a worker checks that its parent is still alive
 
 
 class Outcome(BaseModel):
@@ -149,8 +155,25 @@ def load(model_uri: str) -> tuple[LoadedModel | None, Loaded]:
     return model, Loaded(load_s=model.load_s, facts=model.facts)
 
 
+def exit_with_parent(poll_s: float = _PARENT_POLL_S) -> threading.Thread:
+    """Exit this process once its parent is gone (it is then re-parented): the fallback where no kernel
+    signal does it, and the way out of a load or a prediction that never reads the hung-up channel."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        print(f"validation worker: parent process {parent} is gone; exiting", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    watcher = threading.Thread(target=watch, name="llmadapter-parent-watch", daemon=True)
+    watcher.start()
+    return watcher
+
+
 def serve(channel_fd: int, model_uri: str) -> int:
     """The worker process: load the model, say so, then answer each request until the parent hangs up."""
+    exit_with_parent()
     with Connection(channel_fd) as conn:
         model, loaded = load(model_uri)
         conn.send_bytes(loaded.model_dump_json().encode())
@@ -189,13 +212,15 @@ class InProcessSession:
 
 
 def child_env() -> dict[str, str]:
-    """The worker's environment: ours, with the MLflow stores this process uses and our package first."""
+    """The worker's environment: ours, with the MLflow stores this process uses, our MLflow HTTP limits
+    (a dead tracking server fails its load fast) and our package first."""
     import mlflow
 
     env = dict(os.environ)
     # The child must see the same stores this process uses, even when they were set in code.
     env["MLFLOW_TRACKING_URI"] = mlflow.get_tracking_uri()
     env["MLFLOW_REGISTRY_URI"] = mlflow.get_registry_uri()
+    env.update(mlflow_http_environment(env))
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -203,7 +228,10 @@ def child_env() -> dict[str, str]:
 
 
 def start_worker(model_uri: str, channel_fd: int, output: IO[str]) -> subprocess.Popen[bytes]:
-    """Start the worker process: the one place that decides its command, environment and files."""
+    """Start the worker process: the one place that decides its command, environment and files.
+
+    Call it from the thread that uses the worker (on Linux the worker gets SIGTERM when it exits).
+    """
     return subprocess.Popen(
         [sys.executable, "-m", "llmadapter.validation", "--worker", str(channel_fd), model_uri],
         stdin=subprocess.DEVNULL,
@@ -211,6 +239,7 @@ def start_worker(model_uri: str, channel_fd: int, output: IO[str]) -> subprocess
         stderr=subprocess.STDOUT,
         pass_fds=(channel_fd,),
         env=child_env(),
+        preexec_fn=die_with_parent(),
     )
 
 

@@ -23,9 +23,9 @@ STORED_MAX_TOKENS = 12
 
 def test_every_server_setting_is_a_flag() -> None:
     args = build_parser().parse_args(
-        ["serve", "models:/a@x", "--port", "9000", "--max-queue", "4", "--request-timeout-s", "2.5"]
+        ["serve", "models:/a@x", "--port", "9000", "--max-queue", "4", "--shutdown-grace-s", "2.5"]
     )
-    assert (args.port, args.max_queue, args.request_timeout_s) == ("9000", "4", "2.5")
+    assert (args.port, args.max_queue, args.shutdown_grace_s) == ("9000", "4", "2.5")
     assert args.host is None  # not given: the environment or the default decides
 
 
@@ -34,11 +34,12 @@ def test_every_server_setting_is_a_flag() -> None:
     [
         (["serve", "a", "--port", "70000"], "--port"),
         (["serve", "a", "--max-body-bytes", "10"], "--max-body-bytes"),
+        (["serve", "a", "--shutdown-grace-s", "-1"], "--shutdown-grace-s"),
         (["serve", "a", "b", "--name", "x"], "once per URI"),
         (["serve", "models:/m@a", "models:/m@b"], "--name"),
         (["serve", "a", "--api-key-env", "LLMADAPTER_TEST_UNSET_KEY"], "LLMADAPTER_TEST_UNSET_KEY"),
     ],
-    ids=["port-range", "body-limit", "name-count", "duplicate-ids", "unset-key-variable"],
+    ids=["port-range", "body-limit", "negative-grace", "name-count", "duplicate-ids", "unset-key-variable"],
 )
 def test_bad_arguments_exit_2_before_loading(
     argv: list[str], message: str, capsys: pytest.CaptureFixture[str]

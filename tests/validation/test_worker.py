@@ -20,6 +20,7 @@ from llmadapter.validation.worker import (
     ModelFacts,
     Outcome,
     WorkerSession,
+    child_env,
     error_outcome,
     read_facts,
 )
@@ -82,6 +83,19 @@ def test_non_finite_numbers_cross_the_channel_as_numbers() -> None:
     got = Outcome.model_validate_json(sent.model_dump_json())
 
     assert math.isnan(got.response["embedding"][0]) and got.response["embedding"][1] == math.inf
+
+
+def test_the_worker_gets_our_mlflow_http_limits_unless_the_user_set_mlflows_own(
+    store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    monkeypatch.setenv("LLMADAPTER_MLFLOW_HTTP_MAX_RETRIES", "1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "300")  # the user's own MLflow setting
+
+    env = child_env()
+
+    assert env["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "1"  # a dead tracking server fails the load fast
+    assert env["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "300"
 
 
 def test_a_fresh_worker_loads_the_model_and_reports_the_engines_facts(store: Path, tiny_gpt2: Path) -> None:
