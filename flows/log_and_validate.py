@@ -1,7 +1,7 @@
 """Flow `log-and-validate`: download -> log -> validate -> register (only if valid) -> alias challenger.
 
 Runs for one registered name may overlap (two schedules, a schedule and a person): registration takes
-the name's lock (tasks.register.registration_lock), and each run first ends the MLflow runs that
+the name's lock (tasks._lock.registration_lock), and each run first ends the MLflow runs that
 killed earlier runs left RUNNING (tasks.log.end_runs_left_running).
 """
 

@@ -49,6 +49,10 @@ class RunOwner(BaseModel):
     pid: int
     started: float  # the process's start time (seconds since the epoch)
 
+    def __str__(self) -> str:
+        where = f"pid {self.pid} on {self.host}"
+        return f"flow run {self.run_id} ({where})" if self.run_id else where
+
     @classmethod
     def this_process(cls, run_id: str | None = None, api: str | None = None) -> RunOwner:
         import os

@@ -22,8 +22,8 @@ from flows.log_and_validate import log_and_validate
 from llmadapter import registry
 from llmadapter.runs import RunOwner
 from llmadapter.validation import CheckResult, ValidationReport
-from tasks import register
-from tasks.register import registration_lock, registration_lock_name
+from tasks import _lock
+from tasks._lock import registration_lock, registration_lock_name
 from tasks.validate import ValidationOptions
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -114,7 +114,7 @@ def test_a_slot_held_by_a_killed_process_is_freed_by_the_next_registration(
         [
             sys.executable,
             "-c",
-            "import time\nfrom tasks.register import registration_lock\n"
+            "import time\nfrom tasks._lock import registration_lock\n"
             f"with registration_lock({name!r}):\n    print('held', flush=True)\n    time.sleep(600)\n",
         ],
         stdout=subprocess.PIPE,
@@ -132,7 +132,7 @@ def test_a_slot_held_by_a_killed_process_is_freed_by_the_next_registration(
         waited = time.monotonic() - started
         assert _limit(name).active_slots == 1
 
-    assert waited < register.TAKEOVER_S / 2
+    assert waited < _lock.TAKEOVER_S / 2
     assert f"its process (pid {holder.pid} on " in caplog.text and "freeing its slot" in caplog.text
 
 
@@ -159,3 +159,21 @@ def test_a_slot_held_past_the_takeover_time_is_taken_over(caplog: pytest.LogCapt
         other.join(timeout=60)
 
     assert "held for more than 1 s by a holder that left no record; freeing its slot" in caplog.text
+
+
+def test_a_disabled_limit_turns_the_lock_off() -> None:
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+
+    name = "unlocked"
+    with registration_lock(name):
+        pass  # creates the limit
+    with get_client(sync_client=True) as client:
+        client.update_global_concurrency_limit(
+            registration_lock_name(name), GlobalConcurrencyLimitUpdate(active=False)
+        )
+    started = time.monotonic()
+
+    with registration_lock(name), registration_lock(name, takeover_after_s=60):
+        entered = time.monotonic() - started
+
+    assert entered < _lock.ATTEMPT_S  # the inner one did not wait for the outer one
