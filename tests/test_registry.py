@@ -51,11 +51,16 @@ def name(request: pytest.FixtureRequest) -> str:
     return request.node.name.removeprefix("test_")[:60]
 
 
-def _register(uri: str, name: str, revision: str = "a" * 40, chash: str = "c1") -> registry.RegisteredVersion:
-    version, _ = registry.register_version(
+def _register_twin(
+    uri: str, name: str, revision: str = "a" * 40, chash: str = "c1"
+) -> tuple[registry.RegisteredVersion, bool]:
+    return registry.register_version(
         uri, name, source="acme/tiny", revision=revision, task=CHAT, config_hash=chash, report=_report(uri)
     )
-    return version
+
+
+def _register(uri: str, name: str, revision: str = "a" * 40, chash: str = "c1") -> registry.RegisteredVersion:
+    return _register_twin(uri, name, revision, chash)[0]
 
 
 def test_register_is_idempotent_per_revision_task_and_config(model_uri: str, name: str) -> None:
@@ -253,15 +258,7 @@ def test_a_caller_whose_twin_registered_first_deletes_its_own_and_returns_the_tw
 ) -> None:
     first = _register(model_uri, name)
 
-    again, created = registry.register_version(
-        model_uri,
-        name,
-        source="acme/tiny",
-        revision="a" * 40,
-        task=CHAT,
-        config_hash="c1",
-        report=_report(model_uri),
-    )
+    again, created = _register_twin(model_uri, name)
 
     assert (again.version, created) == (first.version, False)
     assert [v.version for v in registry.list_versions(name)] == [first.version]
@@ -280,15 +277,7 @@ def test_the_lowest_twin_wins_and_a_higher_one_is_left_to_its_creator(
         return ours
 
     monkeypatch.setattr(mlflow, "register_model", and_another_caller_right_after)
-    version, created = registry.register_version(
-        model_uri,
-        name,
-        source="acme/tiny",
-        revision="a" * 40,
-        task=CHAT,
-        config_hash="c1",
-        report=_report(model_uri),
-    )
+    version, created = _register_twin(model_uri, name)
 
     assert (version.version, created) == (1, True)
     # Version 2 is the other caller's: it deletes it when it looks again, never this caller.
@@ -302,15 +291,7 @@ def test_a_failed_registration_never_counts(store: str, model_uri: str, name: st
     _set_status(store, name, failed.version, "FAILED_REGISTRATION")
 
     assert registry.find_version(name, revision="a" * 40, task=CHAT, config_hash="c1") is None
-    version, created = registry.register_version(
-        model_uri,
-        name,
-        source="acme/tiny",
-        revision="a" * 40,
-        task=CHAT,
-        config_hash="c1",
-        report=_report(model_uri),
-    )
+    version, created = _register_twin(model_uri, name)
 
     assert (version.version, created) == (2, True)
 
@@ -331,15 +312,7 @@ def test_a_lower_twin_still_pending_is_waited_for(
     timer = threading.Timer(1.0, _set_status, (store, name, pending.version, outcome))
     timer.start()
     try:
-        version, was_created = registry.register_version(
-            model_uri,
-            name,
-            source="acme/tiny",
-            revision="a" * 40,
-            task=CHAT,
-            config_hash="c1",
-            report=_report(model_uri),
-        )
+        version, was_created = _register_twin(model_uri, name)
     finally:
         timer.join()
 
