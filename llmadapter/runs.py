@@ -43,24 +43,24 @@ class RunOwner(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    run_id: str | None = None  # the orchestrator's run id (Prefect: the flow run id)
-    api: str | None = None  # where run_id can be looked up (Prefect: the API URL, or the ephemeral home)
+    flow_run_id: str | None = None  # the orchestrator's run id (Prefect: the flow run id)
+    api: str | None = None  # where flow_run_id can be looked up (Prefect: the API URL, or the ephemeral home)
     host: str
     pid: int
     started: float  # the process's start time (seconds since the epoch)
 
     def __str__(self) -> str:
         where = f"pid {self.pid} on {self.host}"
-        return f"flow run {self.run_id} ({where})" if self.run_id else where
+        return f"flow run {self.flow_run_id} ({where})" if self.flow_run_id else where
 
     @classmethod
-    def this_process(cls, run_id: str | None = None, api: str | None = None) -> RunOwner:
+    def this_process(cls, flow_run_id: str | None = None, api: str | None = None) -> RunOwner:
         import os
 
         import psutil
 
         return cls(
-            run_id=run_id,
+            flow_run_id=flow_run_id,
             api=api,
             host=socket.gethostname(),
             pid=os.getpid(),

@@ -27,7 +27,7 @@ def current_owner() -> RunOwner:
     from prefect.runtime import flow_run
 
     run_id = flow_run.id
-    return RunOwner.this_process(run_id=str(run_id) if run_id else None, api=api_identity())
+    return RunOwner.this_process(flow_run_id=str(run_id) if run_id else None, api=api_identity())
 
 
 def reason_over(owner: RunOwner) -> str | None:
@@ -36,18 +36,20 @@ def reason_over(owner: RunOwner) -> str | None:
     from prefect.exceptions import ObjectNotFound
 
     here = current_owner()
-    if owner.run_id is not None and (owner.run_id, owner.api) == (here.run_id, here.api):
+    if owner.flow_run_id is not None and (owner.flow_run_id, owner.api) == (here.flow_run_id, here.api):
         return None
     shown = ""
-    if owner.run_id is not None and owner.api == here.api:
+    if owner.flow_run_id is not None and owner.api == here.api:
         try:
             with get_client(sync_client=True) as client:
-                state = client.read_flow_run(UUID(owner.run_id)).state
+                state = client.read_flow_run(UUID(owner.flow_run_id)).state
         except (ObjectNotFound, ValueError):
-            return f"its Prefect flow run {owner.run_id} no longer exists"
+            return f"its Prefect flow run {owner.flow_run_id} no longer exists"
         if state is not None and state.is_final():
-            return f"its Prefect flow run {owner.run_id} ended {state.name}"
-        shown = f"; Prefect still shows flow run {owner.run_id} {state.name if state else 'without a state'}"
+            return f"its Prefect flow run {owner.flow_run_id} ended {state.name}"
+        shown = (
+            f"; Prefect still shows flow run {owner.flow_run_id} {state.name if state else 'without a state'}"
+        )
     if owner.process_gone():
         return f"its process (pid {owner.pid} on {owner.host}) is gone{shown}"
     return None

@@ -21,11 +21,13 @@ def dead_owner() -> RunOwner:
     started = psutil.Process(proc.pid).create_time()
     proc.kill()
     proc.wait()
-    return RunOwner(run_id="dead-flow-run", host=RunOwner.this_process().host, pid=proc.pid, started=started)
+    return RunOwner(
+        flow_run_id="dead-flow-run", host=RunOwner.this_process().host, pid=proc.pid, started=started
+    )
 
 
 def test_an_owner_is_gone_only_when_its_process_on_this_host_is(dead_owner: RunOwner) -> None:
-    me = RunOwner.this_process(run_id="r", api="http://api")
+    me = RunOwner.this_process(flow_run_id="r", api="http://api")
 
     assert not me.process_gone()
     assert dead_owner.process_gone()
@@ -36,7 +38,7 @@ def test_an_owner_is_gone_only_when_its_process_on_this_host_is(dead_owner: RunO
 
 
 def test_an_owner_survives_its_tags_and_a_run_without_them_has_none() -> None:
-    me = RunOwner.this_process(run_id="r", api="http://api")
+    me = RunOwner.this_process(flow_run_id="r", api="http://api")
     tags = owner_tags("chat", me)
 
     assert tags["llmadapter.registered_name"] == "chat"
@@ -58,7 +60,7 @@ def _run(name: str | None, owner: RunOwner | None, *, running: bool = True) -> s
 def test_only_running_runs_of_the_name_whose_owner_is_over_are_killed(
     mlflow_store: str, dead_owner: RunOwner
 ) -> None:
-    alive = RunOwner.this_process(run_id="live-flow-run")
+    alive = RunOwner.this_process(flow_run_id="live-flow-run")
     stale = _run("chat", dead_owner)
     still_running = _run("chat", alive)
     other_name = _run("embeddings", dead_owner)
@@ -80,5 +82,5 @@ def test_only_running_runs_of_the_name_whose_owner_is_over_are_killed(
     statuses = {run_id: client.get_run(run_id).info.status for run_id in (still_running, other_name, unowned)}
     assert statuses == dict.fromkeys((still_running, other_name, unowned), "RUNNING")
     assert client.get_run(finished).info.status == "FINISHED"
-    assert sorted(o.run_id or "" for o in asked) == ["dead-flow-run", "live-flow-run"]
+    assert sorted(o.flow_run_id or "" for o in asked) == ["dead-flow-run", "live-flow-run"]
     assert end_stale_runs("chat", reason_over) == []  # nothing is left to end

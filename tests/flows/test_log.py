@@ -129,13 +129,13 @@ def test_runs_left_running_by_flow_runs_that_are_over_are_marked_killed(store: s
     dead = here.model_copy(update={"pid": proc.pid})
     completed = _flow_run(Completed())
     owners = {
-        "completed": here.model_copy(update={"run_id": completed}),
-        "crashed": here.model_copy(update={"run_id": _flow_run(Crashed())}),
-        "gone": here.model_copy(update={"run_id": str(uuid.uuid4())}),
-        "running, process alive": here.model_copy(update={"run_id": _flow_run(Running())}),
-        "running, process gone": dead.model_copy(update={"run_id": _flow_run(Running())}),
+        "completed": here.model_copy(update={"flow_run_id": completed}),
+        "crashed": here.model_copy(update={"flow_run_id": _flow_run(Crashed())}),
+        "gone": here.model_copy(update={"flow_run_id": str(uuid.uuid4())}),
+        "running, process alive": here.model_copy(update={"flow_run_id": _flow_run(Running())}),
+        "running, process gone": dead.model_copy(update={"flow_run_id": _flow_run(Running())}),
         "another API, process alive": here.model_copy(
-            update={"run_id": completed, "api": "http://elsewhere"}
+            update={"flow_run_id": completed, "api": "http://elsewhere"}
         ),
     }
     runs = {what: _running_mlflow_run("chat", owner) for what, owner in owners.items()}
@@ -181,4 +181,4 @@ def test_the_logged_run_names_its_flow_run_process_and_registered_name(store: st
     assert run.data.tags["llmadapter.registered_name"] == "tiny-chat"
     owner = RunOwner.from_tags(run.data.tags)
     assert owner is not None
-    assert (owner.run_id, owner.api, owner.pid) == (flow_run_id, api_identity(), os.getpid())
+    assert (owner.flow_run_id, owner.api, owner.pid) == (flow_run_id, api_identity(), os.getpid())
