@@ -112,7 +112,7 @@ class FlowProcess:
                 raise AssertionError(
                     f"{self.label} exited ({self.proc.returncode}) before {what}:\n{self.tail()}"
                 )
-            time.sleep(0.05)
+            time.sleep(0.02)  # the window between registering and the alias is short
         raise AssertionError(f"{self.label}: no {what} within {TIMEOUT_S:.0f} s:\n{self.tail()}")
 
     def kill(self) -> None:
@@ -157,17 +157,17 @@ def stores(
     root = tmp_path_factory.mktemp("killed")
     shutil.copyfile(_mlflow_db_template, root / "mlflow.db")
     stores = Stores(root=root, mlflow_uri=f"sqlite:///{root / 'mlflow.db'}", prefect=prefect_server)
-    try:
-        with pytest.MonkeyPatch.context() as mp:  # this process reads (and sets up) the same store
-            mp.setenv("MLFLOW_TRACKING_URI", stores.mlflow_uri)
-            mp.setenv("MLFLOW_REGISTRY_URI", stores.mlflow_uri)
-            mlflow.set_tracking_uri(stores.mlflow_uri)
-            mlflow.set_registry_uri(stores.mlflow_uri)
+    with pytest.MonkeyPatch.context() as mp:  # this process reads (and sets up) the same store
+        mp.setenv("MLFLOW_TRACKING_URI", stores.mlflow_uri)
+        mp.setenv("MLFLOW_REGISTRY_URI", stores.mlflow_uri)
+        mlflow.set_tracking_uri(stores.mlflow_uri)
+        mlflow.set_registry_uri(stores.mlflow_uri)
+        try:
             yield stores
+        finally:
             mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
-    finally:
-        for flow in stores.started:
-            flow.kill()
+            for flow in stores.started:
+                flow.kill()
 
 
 @pytest.fixture(scope="module")
