@@ -1,4 +1,9 @@
-"""Flow `log-and-validate`: download -> log -> validate -> register (only if valid) -> alias challenger."""
+"""Flow `log-and-validate`: download -> log -> validate -> register (only if valid) -> alias challenger.
+
+Runs for one registered name may overlap (two schedules, a schedule and a person): registration takes
+the name's lock (tasks._lock.registration_lock), and each run first ends the MLflow runs that
+killed earlier runs left RUNNING (tasks.log.end_runs_left_running).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ from llmadapter.registry import CHALLENGER, CHAMPION
 from llmadapter.settings import configure_mlflow
 from llmadapter.validation import raise_for_report
 from tasks.download import download_model
-from tasks.log import log_model_once
+from tasks.log import end_runs_left_running, log_model_once
 from tasks.register import find_registered_version, get_version, promote_version, register_model, set_alias
 from tasks.validate import ValidationOptions, artifact_key, publish_report, validate_logged_model
 
@@ -48,6 +53,7 @@ def log_and_validate(
 
     resolved = download_model(source, revision)
     name = model_name or default_model_name(source, task)
+    end_runs_left_running(name)
     version = find_registered_version(name, resolved.revision, task, chash)
     if version is not None:
         logger.info(
@@ -60,7 +66,7 @@ def log_and_validate(
         created = False
         summary = f"reused; validation {version.tags.get('validation_status', 'unknown')}"
     else:
-        logged = log_model_once(resolved, task, model_config, save_pretrained, run_name=name)
+        logged = log_model_once(resolved, task, model_config, save_pretrained, model_name=name)
         report = validate_logged_model(logged.model_uri, validation)
         publish_report(report, logged.run_id, name)
         logger.info("Validation of %s: %s", logged.model_uri, report.summary())

@@ -1,7 +1,8 @@
 """The MLflow Model Registry side: validated versions with provenance tags, aliases, promotion, rollback.
 
 A version is identified for idempotency by (registered name, source revision sha, llm/v1 task,
-model_config hash): registering the same triple again returns the existing version. `move_alias` is
+model_config hash): registering the same triple again returns the existing version, also when several
+callers register it at the same moment (the lowest of the twins wins; see register_version). `move_alias` is
 the one way an alias is promoted (`challenger` -> `champion`) or rolled back: only through the gates,
 validation passed and the weights in the artifact store (a version logged with save_pretrained=False
 has them copied in first, so production never depends on a hub repository that may vanish).
@@ -10,13 +11,14 @@ has them copied in first, so production never depends on a hub repository that m
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 
-from llmadapter.errors import ConfigError, NotFoundError, ValidationFailedError
+from llmadapter.errors import ConfigError, LLMAdapterError, NotFoundError, ValidationFailedError
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -56,6 +58,14 @@ TAG_PROMOTED_TO = "promoted_to"
 TAG_PROMOTED_AT = "promoted_at"
 TAG_REPLACED = "replaced_version"
 TAG_ROLLBACK = "rollback_from_version"
+
+# MLflow's ModelVersionStatus names, as versions carry them.
+_READY = "READY"
+_FAILED = "FAILED_REGISTRATION"
+# How long a twin registered by another caller may stay PENDING_REGISTRATION before we give up on it
+# (MLflow's own wait for a version it registers), and how often it is looked at meanwhile.
+_PENDING_WAIT_S = 300.0
+_PENDING_POLL_S = 0.5
 
 
 class RegisteredVersion(BaseModel):
@@ -149,19 +159,48 @@ def list_versions(name: str) -> list[RegisteredVersion]:
     return sorted((RegisteredVersion.from_mlflow(mv, aliases) for mv in found), key=lambda v: -v.version)
 
 
+def _twins_query(name: str, revision: str, task: str, config_hash: str) -> str:
+    return (
+        f"name={_quote(name)} and tags.{TAG_REVISION}={_quote(revision)} "
+        f"and tags.{TAG_TASK}={_quote(task)} and tags.{TAG_CONFIG_HASH}={_quote(config_hash)}"
+    )
+
+
+def _agreed_version(client: MlflowClient, name: str, query: str, ours: int | None = None) -> Any | None:
+    """The twin every caller agrees on: the lowest version matching `query` that is (or becomes) READY.
+
+    `ours` is a version this caller just registered (READY: mlflow.register_model waited for it); it
+    counts even if the search does not show it yet. A lower twin still PENDING_REGISTRATION is waited
+    for, since it may still fail (then it no longer counts); failed registrations never count.
+    """
+    deadline = time.monotonic() + _PENDING_WAIT_S
+    while True:
+        twins = {int(mv.version): mv for mv in client.search_model_versions(query)}
+        if ours is not None and ours not in twins:
+            twins[ours] = client.get_model_version(name, str(ours))
+        candidates = sorted(v for v, mv in twins.items() if mv.status != _FAILED)
+        if not candidates:
+            return None
+        lowest = twins[candidates[0]]
+        if lowest.status == _READY or candidates[0] == ours:
+            return lowest
+        if time.monotonic() > deadline:
+            raise LLMAdapterError(
+                f"{name} version {candidates[0]} (the same revision, task and model_config) is still "
+                f"{lowest.status} after {_PENDING_WAIT_S:.0f} s; nothing was decided about it."
+            )
+        time.sleep(_PENDING_POLL_S)
+
+
 def find_version(name: str, *, revision: str, task: str, config_hash: str) -> RegisteredVersion | None:
-    """The newest version registered from this revision, task and model_config (`config_hash`: its
-    digest(), see llmadapter.config.StoredConfig), if any."""
+    """The version registered from this revision, task and model_config (`config_hash`: its digest(),
+    see llmadapter.config.StoredConfig), if any: the lowest of its twins, as register_version decides."""
     client = _client()
     aliases = _model_aliases(client, name)
     if aliases is None:
         return None
-    query = (
-        f"name={_quote(name)} and tags.{TAG_REVISION}={_quote(revision)} "
-        f"and tags.{TAG_TASK}={_quote(task)} and tags.{TAG_CONFIG_HASH}={_quote(config_hash)}"
-    )
-    found = [RegisteredVersion.from_mlflow(mv, aliases) for mv in client.search_model_versions(query)]
-    return max(found, key=lambda v: v.version) if found else None
+    found = _agreed_version(client, name, _twins_query(name, revision, task, config_hash))
+    return None if found is None else RegisteredVersion.from_mlflow(found, aliases)
 
 
 def get_version(name: str, version: int) -> RegisteredVersion:
@@ -224,6 +263,14 @@ def register_version(
     Idempotent: if a version with the same revision, task and config hash (the model_config's
     digest()) exists, it is returned and nothing is registered. A report that did not pass is refused
     (nothing is registered).
+
+    Also under concurrency, without any lock: callers that all found nothing register one version
+    each, then look again. The lowest of the twins wins; a caller whose own version lost deletes it
+    (before any alias is set: aliases are set after this returns) and every caller returns the winner,
+    `created` True only for the one that registered it. A caller deletes only the version it created.
+    This relies on the registry's search showing every committed version, which MLflow's SQL store and
+    a tracking server over it do (version numbers are taken in order, so a caller holding version N
+    sees every lower one); the caller's own version counts even before the search shows it.
     """
     import mlflow
 
@@ -244,8 +291,26 @@ def register_version(
         **report.to_tags(),
         **dict(extra_tags or {}),
     }
-    mv = mlflow.register_model(model_uri, name, tags=tags)
-    return get_version(name, int(mv.version)), True
+    ours = int(mlflow.register_model(model_uri, name, tags=tags).version)
+    client = _client()
+    winner = _agreed_version(client, name, _twins_query(name, revision, task, config_hash), ours=ours)
+    assert winner is not None  # ours is READY, so at least it counts
+    if int(winner.version) != ours:
+        _delete_duplicate(client, name, ours, int(winner.version))
+    return get_version(name, int(winner.version)), int(winner.version) == ours
+
+
+def _delete_duplicate(client: MlflowClient, name: str, ours: int, winner: int) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.delete_model_version(name, str(ours))
+    except MlflowException as exc:
+        # Loud, not retried: a retry would find the winner and leave this duplicate behind unnamed.
+        raise LLMAdapterError(
+            f"{name} version {ours} duplicates version {winner} (registered at the same moment) and "
+            f"could not be deleted: {exc.message}. Delete version {ours}; version {winner} is the one to use."
+        ) from exc
 
 
 def promotion_problems(version: RegisteredVersion) -> list[str]:

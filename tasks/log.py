@@ -1,4 +1,4 @@
-"""Prefect task over llmadapter.log_model: log a resolved source as an llm/v1 MLflow model in a new run."""
+"""Prefect tasks over llmadapter.log_model and .runs: log a source in a new MLflow run; end stale runs."""
 
 from __future__ import annotations
 
@@ -9,13 +9,16 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from prefect import get_run_logger
 from prefect.context import TaskRunContext
 from pydantic import BaseModel, ConfigDict
 
 import llmadapter
 from llmadapter.config import TaskConfig
+from llmadapter.runs import EndedRun, end_stale_runs, owner_tags
 from llmadapter.settings import configure_mlflow, get_settings
 from llmadapter.source import ResolvedSource
+from tasks._owners import current_owner, reason_over
 from tasks._retry import transient_task
 
 # The source that decides what a logged model is (its engine, loader, signature): hashed into the key.
@@ -86,12 +89,15 @@ def log_model(
     task: str,
     model_config: TaskConfig,
     save_pretrained: bool = True,
-    run_name: str | None = None,
+    model_name: str | None = None,
 ) -> LoggedModel:
     """Log the resolved source with llmadapter.log_model in a new MLflow run (nothing is registered).
 
-    Cached for 7 days on the key above; call it through log_model_once, which logs again when the
-    cached run has been deleted from MLflow since.
+    The run is named after `model_name` (the registered name it is logged for) and tagged with it and
+    with this flow run and process (llmadapter.runs.owner_tags), so that a later run for the same name
+    can tell a run left RUNNING by a killed flow (end_runs_left_running). Cached for 7 days on the key
+    above; call it through log_model_once, which logs again when the cached run has been deleted from
+    MLflow since.
     """
     import mlflow
 
@@ -104,7 +110,9 @@ def log_model(
         "task": task,
         "model_config_hash": config_hash,
     }
-    with mlflow.start_run(run_name=run_name, tags=tags) as run:
+    if model_name is not None:
+        tags |= owner_tags(model_name, current_owner())
+    with mlflow.start_run(run_name=model_name, tags=tags) as run:
         mlflow.log_params(
             {
                 "source": resolved.source,
@@ -154,3 +162,13 @@ def run_exists(run_id: str) -> bool:
             return False
         raise
     return bool(run.info.lifecycle_stage == LifecycleStage.ACTIVE)
+
+
+@transient_task(name="end-runs-left-running", task_run_name="end runs of {model_name} left running")
+def end_runs_left_running(model_name: str) -> list[EndedRun]:
+    """Mark KILLED the MLflow runs for `model_name` left RUNNING by flow runs that are over (killed,
+    crashed, gone); the runs of flow runs still running are left alone."""
+    ended = end_stale_runs(model_name, reason_over)
+    for run in ended:
+        get_run_logger().warning("MLflow run %s of %s marked KILLED: %s.", run.run_id, model_name, run.reason)
+    return ended

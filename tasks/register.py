@@ -1,10 +1,11 @@
-"""Prefect tasks over llmadapter.registry: find, register, read and set aliases, move an alias."""
+"""Prefect tasks over llmadapter.registry: find, register (under the name's lock), aliases, promotion."""
 
 from __future__ import annotations
 
 from llmadapter import registry
 from llmadapter.registry import PromotionResult, RegisteredVersion
 from llmadapter.validation import ValidationReport
+from tasks._lock import registration_lock
 from tasks._retry import transient_task
 from tasks.log import LoggedModel
 
@@ -21,16 +22,21 @@ def find_registered_version(
 def register_model(
     logged: LoggedModel, model_name: str, report: ValidationReport
 ) -> tuple[RegisteredVersion, bool]:
-    """Register a validated logged model with its provenance tags (idempotent); (version, created)."""
-    return registry.register_version(
-        logged.model_uri,
-        model_name,
-        source=logged.source,
-        revision=logged.revision,
-        task=logged.task,
-        config_hash=logged.config_hash,
-        report=report,
-    )
+    """Register a validated logged model with its provenance tags (idempotent); (version, created).
+
+    Under the registration lock of `model_name`, so that flow runs registering the same name (on any
+    worker) find and register one at a time; a run that finds the version another registered reuses it.
+    """
+    with registration_lock(model_name):
+        return registry.register_version(
+            logged.model_uri,
+            model_name,
+            source=logged.source,
+            revision=logged.revision,
+            task=logged.task,
+            config_hash=logged.config_hash,
+            report=report,
+        )
 
 
 @transient_task(name="set-alias", task_run_name="set @{alias} on {model_name}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,11 +51,16 @@ def name(request: pytest.FixtureRequest) -> str:
     return request.node.name.removeprefix("test_")[:60]
 
 
-def _register(uri: str, name: str, revision: str = "a" * 40, chash: str = "c1") -> registry.RegisteredVersion:
-    version, _ = registry.register_version(
+def _register_twin(
+    uri: str, name: str, revision: str = "a" * 40, chash: str = "c1"
+) -> tuple[registry.RegisteredVersion, bool]:
+    return registry.register_version(
         uri, name, source="acme/tiny", revision=revision, task=CHAT, config_hash=chash, report=_report(uri)
     )
-    return version
+
+
+def _register(uri: str, name: str, revision: str = "a" * 40, chash: str = "c1") -> registry.RegisteredVersion:
+    return _register_twin(uri, name, revision, chash)[0]
 
 
 def test_register_is_idempotent_per_revision_task_and_config(model_uri: str, name: str) -> None:
@@ -226,3 +233,91 @@ def test_persist_weights_copies_a_hub_reference_into_the_artifact(
         {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
     )
     assert answer["object"] == "chat.completion"
+
+
+# --- registrations racing each other (the processes themselves: tests/faults/test_concurrent_registration.py)
+
+
+def _set_status(store: str, name: str, version: int, status: str) -> None:
+    """What a registry whose versions take time to become READY shows (MLflow's SQL store has no API)."""
+    with sqlite3.connect(store.removeprefix("sqlite:///")) as db:
+        db.execute("UPDATE model_versions SET status=? WHERE name=? AND version=?", (status, name, version))
+
+
+@pytest.fixture()
+def raced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """register_version's first look finds nothing, as when a twin is registered between that look and
+    its own registration (two callers at the same moment)."""
+    monkeypatch.setattr(registry, "find_version", lambda *args, **kwargs: None)
+    monkeypatch.setattr(registry, "_PENDING_POLL_S", 0.05)
+
+
+@pytest.mark.usefixtures("raced")
+def test_a_caller_whose_twin_registered_first_deletes_its_own_and_returns_the_twin(
+    model_uri: str, name: str
+) -> None:
+    first = _register(model_uri, name)
+
+    again, created = _register_twin(model_uri, name)
+
+    assert (again.version, created) == (first.version, False)
+    assert [v.version for v in registry.list_versions(name)] == [first.version]
+    with pytest.raises(NotFoundError):  # its own version 2 is gone
+        registry.get_version(name, first.version + 1)
+
+
+def test_the_lowest_twin_wins_and_a_higher_one_is_left_to_its_creator(
+    model_uri: str, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    register_model = mlflow.register_model
+
+    def and_another_caller_right_after(uri: str, model_name: str, **kwargs: object) -> object:
+        ours = register_model(uri, model_name, **kwargs)  # type: ignore[arg-type]
+        register_model(uri, model_name, **kwargs)  # type: ignore[arg-type]
+        return ours
+
+    monkeypatch.setattr(mlflow, "register_model", and_another_caller_right_after)
+    version, created = _register_twin(model_uri, name)
+
+    assert (version.version, created) == (1, True)
+    # Version 2 is the other caller's: it deletes it when it looks again, never this caller.
+    assert [v.version for v in registry.list_versions(name)] == [2, 1]
+    found = registry.find_version(name, revision="a" * 40, task=CHAT, config_hash="c1")
+    assert found is not None and found.version == 1
+
+
+def test_a_failed_registration_never_counts(store: str, model_uri: str, name: str) -> None:
+    failed = _register(model_uri, name)
+    _set_status(store, name, failed.version, "FAILED_REGISTRATION")
+
+    assert registry.find_version(name, revision="a" * 40, task=CHAT, config_hash="c1") is None
+    version, created = _register_twin(model_uri, name)
+
+    assert (version.version, created) == (2, True)
+
+
+@pytest.mark.usefixtures("raced")
+@pytest.mark.parametrize(
+    ("outcome", "winner", "created"),
+    [("READY", 1, False), ("FAILED_REGISTRATION", 2, True)],
+    ids=["twin-becomes-ready", "twin-fails"],
+)
+def test_a_lower_twin_still_pending_is_waited_for(
+    store: str, model_uri: str, name: str, outcome: str, winner: int, created: bool
+) -> None:
+    pending = _register(model_uri, name)
+    _set_status(store, name, pending.version, "PENDING_REGISTRATION")
+    # The other caller's registration finishes while this one is deciding: deleting its own version
+    # before then would leave no version at all if the twin then failed.
+    timer = threading.Timer(1.0, _set_status, (store, name, pending.version, outcome))
+    timer.start()
+    try:
+        version, was_created = _register_twin(model_uri, name)
+    finally:
+        timer.join()
+
+    assert (version.version, was_created) == (winner, created)
+    assert registry.get_version(name, winner).version == winner
+    if winner == 1:
+        with pytest.raises(NotFoundError):
+            registry.get_version(name, 2)

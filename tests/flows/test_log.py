@@ -1,20 +1,30 @@
 """The log task's cache: reused for the same revision, config and code; logged again after a code change,
-for another config, or when the cached run was deleted in MLflow."""
+for another config, or when the cached run was deleted in MLflow. The run's owner tags, and the runs
+that killed flow runs left RUNNING."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
+import uuid
 from pathlib import Path
 
+import mlflow
 import pytest
 from mlflow import MlflowClient
 from prefect import flow
+from prefect.client.schemas.objects import State
+from prefect.states import Completed, Crashed, Running
 
 from llmadapter.config import ModelConfig
-from llmadapter.settings import configure_mlflow
+from llmadapter.runs import TAG_KILLED_REASON, RunOwner, owner_tags
+from llmadapter.settings import configure_mlflow, get_settings
 from llmadapter.source import resolve_source
 from tasks import log
-from tasks.log import LoggedModel, code_version, log_model_once, run_exists
+from tasks._owners import api_identity
+from tasks.log import LoggedModel, code_version, end_runs_left_running, log_model_once, run_exists
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 CHAT = "llm/v1/chat"
@@ -89,3 +99,86 @@ def test_the_cache_keys_on_the_typed_configs_digest(store: str, tiny_gpt2: Path)
     params = MlflowClient().get_run(other.run_id).data.params
     assert params["model_config"] == '{"temperature": 0.3}'
     assert params["temperature"] == "0.3"  # MLflow's own Model.log logs the model_config keys too
+
+
+# --- MLflow runs left RUNNING by flow runs that were killed -------------------------------------------
+
+
+@flow(name="owner-of-runs")
+def _owner_flow() -> None:
+    """A flow whose runs (created through the API in the states a test needs) own MLflow runs."""
+
+
+def _flow_run(state: State) -> str:
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        return str(client.create_flow_run(_owner_flow, state=state).id)
+
+
+def _running_mlflow_run(name: str, owner: RunOwner) -> str:
+    configure_mlflow()
+    experiment_id = mlflow.get_experiment_by_name(get_settings().experiment_name).experiment_id
+    return MlflowClient().create_run(experiment_id, tags=owner_tags(name, owner)).info.run_id
+
+
+def test_runs_left_running_by_flow_runs_that_are_over_are_marked_killed(store: str) -> None:
+    here = RunOwner.this_process(api=api_identity())
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    dead = here.model_copy(update={"pid": proc.pid})
+    completed = _flow_run(Completed())
+    owners = {
+        "completed": here.model_copy(update={"flow_run_id": completed}),
+        "crashed": here.model_copy(update={"flow_run_id": _flow_run(Crashed())}),
+        "gone": here.model_copy(update={"flow_run_id": str(uuid.uuid4())}),
+        "running, process alive": here.model_copy(update={"flow_run_id": _flow_run(Running())}),
+        "running, process gone": dead.model_copy(update={"flow_run_id": _flow_run(Running())}),
+        "another API, process alive": here.model_copy(
+            update={"flow_run_id": completed, "api": "http://elsewhere"}
+        ),
+    }
+    runs = {what: _running_mlflow_run("chat", owner) for what, owner in owners.items()}
+    other_name = _running_mlflow_run("embeddings", owners["crashed"])
+
+    ended = end_runs_left_running("chat")
+
+    client = MlflowClient()
+    status = {what: client.get_run(run_id).info.status for what, run_id in runs.items()}
+    assert status == {
+        "completed": "KILLED",
+        "crashed": "KILLED",
+        "gone": "KILLED",
+        "running, process alive": "RUNNING",
+        "running, process gone": "KILLED",
+        "another API, process alive": "RUNNING",
+    }
+    assert client.get_run(other_name).info.status == "RUNNING"
+    reasons = {what: client.get_run(runs[what]).data.tags.get(TAG_KILLED_REASON) for what in owners}
+    assert reasons["completed"] == f"its Prefect flow run {completed} ended Completed"
+    assert reasons["crashed"].endswith("ended Crashed")
+    assert reasons["gone"].endswith("no longer exists")
+    assert reasons["running, process gone"].startswith(f"its process (pid {proc.pid} on ")
+    assert "; Prefect still shows flow run " in reasons["running, process gone"]
+    assert reasons["running, process gone"].endswith(" Running")
+    assert sorted(e.run_id for e in ended) == sorted(runs[w] for w, s in status.items() if s == "KILLED")
+
+
+@flow
+def _log_for(source: str, model_name: str) -> tuple[LoggedModel, str]:
+    from prefect.runtime import flow_run
+
+    configure_mlflow()
+    logged = log_model_once(resolve_source(source), CHAT, ModelConfig(), model_name=model_name)
+    return logged, str(flow_run.id)
+
+
+def test_the_logged_run_names_its_flow_run_process_and_registered_name(store: str, tiny_gpt2: Path) -> None:
+    logged, flow_run_id = _log_for(str(tiny_gpt2), "tiny-chat")
+
+    run = MlflowClient().get_run(logged.run_id)
+    assert run.info.run_name == "tiny-chat"
+    assert run.data.tags["llmadapter.registered_name"] == "tiny-chat"
+    owner = RunOwner.from_tags(run.data.tags)
+    assert owner is not None
+    assert (owner.flow_run_id, owner.api, owner.pid) == (flow_run_id, api_identity(), os.getpid())
