@@ -190,7 +190,10 @@ def chain(stores: Stores, tiny_gpt2: Path) -> Chain:
     c.wait_for("a registered version", stores.versions)
     c.kill()
     assert len(stores.versions()) == 1
-    assert stores.client.get_registered_model(NAME).aliases == {}  # killed before the alias was set
+    # Usually killed before @challenger was set (the window is short: the re-run must then set it); when
+    # the alias task won the race, the re-run must leave it where it is. Either way: one version.
+    c_set_alias = stores.client.get_registered_model(NAME).aliases != {}
+    print(f"c was killed {'after' if c_set_alias else 'before'} the alias was set")
 
     d = stores.start(tiny_gpt2, "d-rerun")
     d.wait_for("its result", d.result.exists)
