@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import logging.config
 import sys
 import threading
 from collections.abc import Sequence
@@ -137,10 +138,13 @@ def _load_models(
 def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     settings = _serve_settings(args, parser)
     names = _model_ids(args, parser)
-    logging.basicConfig(level=settings.log_level.upper() if settings.log_level != "trace" else "DEBUG")
     import uvicorn
 
     from llmadapter.server.app import build_app
+    from llmadapter.server.observe import log_config
+
+    # Every line, uvicorn's and ours, shows the id of the request it was written for.
+    logging.config.dictConfig(log_config(settings.log_level))
 
     set_torch_threads(settings.torch_threads)
     _point_mlflow_at_stores()
@@ -150,6 +154,7 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        log_config=log_config(settings.log_level),
         timeout_graceful_shutdown=10,
     )
     server = uvicorn.Server(config)
