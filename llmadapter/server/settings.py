@@ -81,13 +81,13 @@ class ServerSettings(BaseSettings):
         description="Write sampled requests as MLflow traces (one span each, linked to the served "
         "LoggedModel) to the tracking store, from a background exporter.",
     )
-    tracing_sample_rate: float = Field(
-        default=1.0, ge=0.0, le=1.0, description="Fraction of requests traced when tracing is on."
-    )
     tracing_include_text: bool = Field(
         default=True,
         description="Record prompts and completions in traces; false keeps only parameters, usage, "
         "finish reasons and timings.",
+    )
+    tracing_sample_rate: float = Field(
+        default=1.0, ge=0.0, le=1.0, description="Fraction of requests traced when tracing is on."
     )
     tracing_experiment: str = Field(
         default="",

@@ -21,16 +21,8 @@ from llmadapter.request_context import RequestIdFilter
 from llmadapter.server.app import build_app
 from llmadapter.server.metrics import latencies
 from llmadapter.server.observe import log_config
-from tests.server.conftest import (
-    CHAT_ID,
-    LONG_ID,
-    RunningServer,
-    generation_engine,
-    long_request,
-    serve,
-    settings,
-    wait_until,
-)
+from tests.server import conftest
+from tests.server.conftest import CHAT_ID, RunningServer, generation_engine, serve, settings, wait_until
 from tests.server.test_glue import FakeEngine
 
 SLO_ID = "slo-chat"
@@ -215,11 +207,11 @@ def test_time_to_first_token_sums_what_streaming_clients_measure(slo_engine: Eng
 
 
 def test_a_cancelled_stream_is_counted_as_abort(long_engine: Engine) -> None:
-    with serve(build_app({LONG_ID: long_engine}, settings())) as running:
+    with serve(build_app({conftest.LONG_ID: long_engine}, settings())) as running:
         url = f"{running.url}/v1/chat/completions"
-        with httpx.stream("POST", url, json=long_request(stream=True), timeout=60) as answer:
+        with httpx.stream("POST", url, json=conftest.long_request(stream=True), timeout=60) as answer:
             next(answer.iter_lines())  # generating: now the client goes away
-        labels = {"model_name": LONG_ID, "version": ""}
+        labels = {"model_name": conftest.LONG_ID, "version": ""}
         wait_until(
             lambda: running.metric("vllm:request_success_total", finished_reason="abort", **labels) == 1
         )
@@ -234,38 +226,26 @@ def test_request_metrics_can_be_turned_off(slo_engine: Engine) -> None:
         assert running.metric("vllm:generation_tokens_total", model_name=SLO_ID) > 0  # the engine's own
 
 
+# Stamps after an arrival at 0: queued, scheduled, first token, last token, finished (None: not yet).
 @pytest.mark.parametrize(
-    ("times", "expected"),
+    ("stamps", "gaps", "expected"),
     [
         (
-            SequenceTimes(
-                arrival=0.0,
-                queued=1.0,
-                scheduled=3.0,
-                first_token=4.0,
-                last_token=10.0,
-                finished=10.5,
-                gaps=[2.0, 4.0],
-            ),
-            {
-                "e2e": 10.5,
-                "queue": 2.0,
-                "ttft": 4.0,
-                "prefill": 1.0,
-                "decode": 6.0,
-                "inference": 7.0,
-                "tpot": 3.0,
-            },
+            (1, 3, 4, 10, 10.5),
+            [2, 4],
+            {"e2e": 10.5, "queue": 2, "ttft": 4, "prefill": 1, "decode": 6, "inference": 7, "tpot": 3},
         ),
-        (SequenceTimes(arrival=0.0, queued=1.0), {"e2e": 20.0}),  # cancelled in the queue, not yet finished
+        ((1, None, None, None, None), [], {"e2e": 20}),  # cancelled while queued, finish not yet stamped
         (
-            SequenceTimes(
-                arrival=0.0, queued=1.0, scheduled=2.0, first_token=3.0, last_token=3.0, finished=3.0
-            ),
-            {"e2e": 3.0, "queue": 1.0, "ttft": 3.0, "prefill": 1.0, "decode": 0.0, "inference": 1.0},
+            (1, 2, 3, 3, 3),
+            [],
+            {"e2e": 3, "queue": 1, "ttft": 3, "prefill": 1, "decode": 0, "inference": 1},
         ),
     ],
     ids=["full", "never-scheduled", "one-token"],
 )
-def test_latencies_follow_vllm_definitions(times: SequenceTimes, expected: dict[str, float]) -> None:
+def test_latencies_follow_vllm_definitions(
+    stamps: tuple[float | None, ...], gaps: list[float], expected: dict[str, float]
+) -> None:
+    times = SequenceTimes(0.0, *stamps, gaps=gaps)
     assert latencies(times, end=20.0) == expected
