@@ -179,20 +179,6 @@ class ServerMetrics:
             "Generation and embedding requests admitted and not yet answered.",
             registry=self.registry,
         )
-        self.traces_exported = Counter(
-            "llmadapter_traces_exported",
-            "Request traces written to the MLflow tracking store.",
-            registry=self.registry,
-        )
-        self.traces_dropped = Counter(
-            "llmadapter_traces_dropped",
-            "Sampled request traces not written: queue_full (the exporter is behind), export_failed.",
-            ["reason"],
-            registry=self.registry,
-        )
-        self.trace_queue = Gauge(
-            "llmadapter_trace_queue_depth", "Traces waiting for the exporter.", registry=self.registry
-        )
         self._request_histograms = {
             key: Histogram(name, doc, _VLLM_LABELS, buckets=buckets, registry=self.registry)
             for key, (name, doc, buckets) in _REQUEST_HISTOGRAMS.items()

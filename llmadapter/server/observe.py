@@ -23,7 +23,8 @@ from llmadapter.engine.base import WorkerThread
 from llmadapter.request_context import RequestContext, bind, request_id_for, unbind
 from llmadapter.server.metrics import ServerMetrics
 from llmadapter.server.settings import ServerSettings
-from llmadapter.server.tracing import TraceExporter, served_trace
+from llmadapter.server.trace_exporter import TraceExporter
+from llmadapter.server.tracing import served_trace
 
 log = logging.getLogger("llmadapter.server")
 
@@ -121,11 +122,9 @@ def build_observer(metrics: ServerMetrics, settings: ServerSettings) -> Observer
 
         uri = mlflow.get_tracking_uri()
         tracer = TraceExporter(
-            metrics,
-            tracking_uri=uri,
-            experiment=settings.tracing_experiment,
-            queue_size=settings.tracing_queue_size,
+            tracking_uri=uri, experiment=settings.tracing_experiment, queue_size=settings.tracing_queue_size
         )
+        metrics.registry.register(tracer)  # its counts, read at scrape time
         log.info("tracing %.0f%% of requests to %s", settings.tracing_sample_rate * 100, uri)
     return Observer(metrics, settings, tracer)
 

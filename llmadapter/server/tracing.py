@@ -1,11 +1,8 @@
-"""MLflow traces of served requests: one trace per sampled request, written off the request path.
+"""MLflow traces of served requests: what one holds, and how it is written to the tracking store.
 
-`served_trace` turns an answered request (its RequestContext and the engine work in it) into a plain
-`ServedTrace`, on the observer's thread. `TraceExporter` writes those to the tracking store from a thread
-of its own, through a bounded queue: a slow store fills the queue and later traces are dropped, a failing
-one drops the traces it was given, and both are counted (`llmadapter_traces_dropped_total{reason}`); no
-request ever waits for the store. How long one write may block is MLflow's HTTP client settings
-(`MLFLOW_HTTP_REQUEST_TIMEOUT`, `MLFLOW_HTTP_REQUEST_MAX_RETRIES`).
+`served_trace` turns an answered request (its RequestContext and the engine work in it) into a plain,
+picklable `ServedTrace`, on the observer's thread; `TraceWriter` writes batches of them, in the exporter
+process (`llmadapter.server.trace_exporter`), never in the serving one.
 
 Each trace has one span, the request: the served model's name and version, the request id, token usage,
 finish reasons, time to first token and latency, and (unless text is left out) the request and the
@@ -17,10 +14,7 @@ MLflow 3 links traces to models, so `mlflow.search_traces(model_id=...)` and the
 from __future__ import annotations
 
 import json
-import logging
-import queue
 import random
-import threading
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -32,12 +26,7 @@ if TYPE_CHECKING:
 
     from llmadapter.engine.formats import Job
     from llmadapter.request_context import RequestContext
-    from llmadapter.server.metrics import ServerMetrics
 
-log = logging.getLogger("llmadapter.server.tracing")
-
-# Traces written per round trip at most, when the queue holds several.
-_BATCH = 64
 # Where traces of a model with no LoggedModel id go, unless `tracing_experiment` names one.
 DEFAULT_EXPERIMENT = "llmadapter-serving"
 _PREVIEW_CHARS = 1000
@@ -217,80 +206,19 @@ def _info(trace: ServedTrace, trace_id: str, experiment_id: str) -> TraceInfo:
     )
 
 
-class TraceExporter:
-    """Writes ServedTraces to the tracking store at `tracking_uri` from its own thread (bounded queue)."""
+class TraceWriter:
+    """Writes batches of ServedTraces to the tracking store at `tracking_uri` (in the exporter process)."""
 
-    def __init__(
-        self, metrics: ServerMetrics, *, tracking_uri: str, experiment: str, queue_size: int
-    ) -> None:
-        self._metrics = metrics
-        self._uri = tracking_uri
-        self._experiment = experiment
-        self._queue: queue.Queue[ServedTrace | None] = queue.Queue(maxsize=queue_size)
-        metrics.trace_queue.set_function(self._queue.qsize)
-        self._thread = threading.Thread(target=self._run, name="llmadapter-traces", daemon=True)
-        self._started = False
-        self._lock = threading.Lock()
-        self._experiments: dict[str, str] = {}  # model id ("" for none) -> experiment id
-        self._failing = False
-
-    def submit(self, trace: ServedTrace) -> None:
-        """Queue `trace` for writing; a full queue drops it (counted), never blocks."""
-        try:
-            self._queue.put_nowait(trace)
-        except queue.Full:
-            self._metrics.traces_dropped.labels("queue_full").inc()
-            return
-        with self._lock:
-            if not self._started:
-                self._started = True
-                self._thread.start()
-
-    def close(self, timeout_s: float = 5.0) -> None:
-        """Write what is queued within `timeout_s`, then stop (what is left is lost with the process)."""
-        with self._lock:
-            if not self._started:
-                return
-        try:
-            self._queue.put(None, timeout=timeout_s)
-        except queue.Full:
-            return
-        self._thread.join(timeout=timeout_s)
-
-    def _run(self) -> None:
+    def __init__(self, tracking_uri: str, experiment: str) -> None:
         from mlflow.tracing.client import TracingClient
 
-        client: TracingClient | None = None
-        stop = False
-        while not stop:
-            batch: list[ServedTrace] = []
-            item = self._queue.get()
-            while item is not None:
-                batch.append(item)
-                if len(batch) >= _BATCH:
-                    break
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-            stop = item is None
-            if not batch:
-                continue
-            try:
-                client = client or TracingClient(self._uri)
-                self._write(client, batch)
-            except Exception as exc:  # the store's failure is counted and logged, never raised anywhere
-                self._metrics.traces_dropped.labels("export_failed").inc(len(batch))
-                # One warning per outage, not one per trace.
-                log.log(logging.DEBUG if self._failing else logging.WARNING, "traces not written: %s", exc)
-                self._failing = True
-            else:
-                self._metrics.traces_exported.inc(len(batch))
-                if self._failing:
-                    log.warning("traces are written again")
-                self._failing = False
+        self._uri = tracking_uri
+        self._experiment = experiment
+        self._client = TracingClient(tracking_uri)
+        self._experiments: dict[str, str] = {}  # model id ("" for none) -> experiment id
 
-    def _write(self, client: Any, batch: list[ServedTrace]) -> None:
+    def write(self, batch: list[ServedTrace]) -> None:
+        """Write every trace of `batch` (raises what the store raised)."""
         from mlflow.entities import TraceData
 
         by_experiment: dict[str, list[ServedTrace]] = defaultdict(list)
@@ -304,14 +232,14 @@ class TraceExporter:
                 written.append((trace, trace_id, _span(trace, trace_id, otel_id)))
             try:
                 # One call for the batch's spans; stores without span logging get each trace's data.
-                client.log_spans(experiment_id, [span for _, _, span in written])
+                self._client.log_spans(experiment_id, [span for _, _, span in written])
                 spans_stored = True
             except NotImplementedError:
                 spans_stored = False
             for trace, trace_id, span in written:
-                info = client.start_trace(_info(trace, trace_id, experiment_id))
+                info = self._client.start_trace(_info(trace, trace_id, experiment_id))
                 if not spans_stored:
-                    client._upload_trace_data(info, TraceData(spans=[span]))
+                    self._client._upload_trace_data(info, TraceData(spans=[span]))
 
     def _experiment_for(self, model_id: str) -> str:
         """The experiment a model's traces go to: `tracing_experiment`, else its LoggedModel's."""

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
-import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import pytest
 from llmadapter.engine.base import Engine
 from llmadapter.processes import free_port, running, stop
 from llmadapter.server.app import build_app
-from llmadapter.server.tracing import DEFAULT_EXPERIMENT, TraceExporter
+from llmadapter.server.tracing import DEFAULT_EXPERIMENT
 from llmadapter.testing import TRAINED_ANSWER
 from tests.server.conftest import CHAT_ID, RunningServer, serve, settings, wait_until
 
@@ -81,6 +82,9 @@ def test_requests_become_traces_of_their_logged_model_and_survive_a_stopped_serv
         "--artifacts-destination",
         str(tmp_path / "a"),
     ]
+    # The exporter process inherits this: once the server is gone, a write fails at once instead of
+    # retrying for minutes (MLflow's default).
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     with running(argv, f"{url}/health", log=tmp_path / "mlflow.log", env=env) as tracking:
         mlflow.set_tracking_uri(url)  # the server's store, as `llmadapter serve` points MLflow at it
         app = build_app({"traced-chat": engine}, settings(tracing=True, tracing_sample_rate=1.0))
@@ -111,7 +115,6 @@ def test_requests_become_traces_of_their_logged_model_and_survive_a_stopped_serv
                 assert span.outputs["choices"][0]["message"]["content"] == TRAINED_ANSWER
                 assert span.inputs["messages"] == HELLO
             stop(tracking)  # the tracking server goes away; serving goes on
-            monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
             for i in range(3):
                 _chat(server, "traced-chat", f"after-{i}", stream=i == 0)
             wait_until(
@@ -140,29 +143,37 @@ def test_traces_can_leave_prompts_and_completions_out(mlflow_store: str, chat_en
     assert "mlflow.modelId" not in trace.info.trace_metadata
 
 
-def test_a_slow_store_never_slows_requests_and_drops_are_counted(
-    mlflow_store: str, chat_engine: Engine, monkeypatch: pytest.MonkeyPatch
+@contextmanager
+def _silent_tracking_server() -> Iterator[tuple[str, socket.socket]]:
+    """A tracking server that takes connections and never answers: a store too slow to wait for."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(64)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", sock
+
+
+def test_a_slow_store_never_holds_requests_and_drops_are_counted(
+    chat_engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    release = threading.Event()
-    written: list[int] = []
+    import mlflow
 
-    def slow_write(self: TraceExporter, client: Any, batch: list[Any]) -> None:
-        release.wait(timeout=60)  # a tracking store that does not answer
-        written.append(len(batch))
-
-    monkeypatch.setattr(TraceExporter, "_write", slow_write)
-    app = build_app({CHAT_ID: chat_engine}, settings(tracing=True, tracing_queue_size=1))
-    with serve(app) as server:
-        client = server.client()
-        for _ in range(5):  # each is answered while the exporter is stuck on the first trace
-            client.chat.completions.create(model=CHAT_ID, messages=HELLO, max_tokens=2)  # type: ignore[arg-type]
-        wait_until(lambda: server.metric("llmadapter_traces_dropped_total", reason="queue_full") >= 3)
-        release.set()
-        wait_until(
-            lambda: (
-                server.metric("llmadapter_traces_exported_total")
-                + server.metric("llmadapter_traces_dropped_total", reason="queue_full")
-                == 5
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "120")
+    with _silent_tracking_server() as (url, sock):
+        mlflow.set_tracking_uri(url)
+        try:
+            app = build_app({CHAT_ID: chat_engine}, settings(tracing=True, tracing_queue_size=1))
+        finally:
+            mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
+        with serve(app) as server:
+            client = server.client()
+            for _ in range(5):  # every one answered while the exporter waits on the store
+                client.chat.completions.create(model=CHAT_ID, messages=HELLO, max_tokens=2)  # type: ignore[arg-type]
+            full = server.metric("llmadapter_traces_dropped_total", reason="queue_full")
+            assert full >= 3  # one trace with the exporter, at most one queued: the rest dropped at once
+            sock.close()  # the store goes away: what the exporter held fails
+            wait_until(
+                lambda: full + server.metric("llmadapter_traces_dropped_total", reason="export_failed") == 5,
+                message="every trace dropped and counted",
             )
-        )
-        assert sum(written) == server.metric("llmadapter_traces_exported_total") >= 1
+            assert server.metric("llmadapter_traces_exported_total") == 0
