@@ -218,9 +218,8 @@ class TraceWriter:
         self._experiments: dict[str, str] = {}  # model id ("" for none) -> experiment id
 
     def write(self, batch: list[ServedTrace]) -> None:
-        """Write every trace of `batch` (raises what the store raised)."""
-        from mlflow.entities import TraceData
-
+        """Write every trace of `batch` (raises what the store raised). Spans go to the tracking store
+        itself: a database (SQLite by default) or an `mlflow server` in front of one."""
         by_experiment: dict[str, list[ServedTrace]] = defaultdict(list)
         for trace in batch:
             by_experiment[self._experiment_for(trace.model_id)].append(trace)
@@ -230,16 +229,11 @@ class TraceWriter:
                 otel_id = random.getrandbits(128)
                 trace_id = f"tr-{otel_id:032x}"
                 written.append((trace, trace_id, _span(trace, trace_id, otel_id)))
-            try:
-                # One call for the batch's spans; stores without span logging get each trace's data.
-                self._client.log_spans(experiment_id, [span for _, _, span in written])
-                spans_stored = True
-            except NotImplementedError:
-                spans_stored = False
-            for trace, trace_id, span in written:
-                info = self._client.start_trace(_info(trace, trace_id, experiment_id))
-                if not spans_stored:
-                    self._client._upload_trace_data(info, TraceData(spans=[span]))
+            # Trace infos first, then one call for the batch's spans: the other order makes the SQL
+            # store merge each info into the row log_spans created (13 ms of CPU a trace instead of 8).
+            for trace, trace_id, _ in written:
+                self._client.start_trace(_info(trace, trace_id, experiment_id))
+            self._client.log_spans(experiment_id, [span for _, _, span in written])
 
     def _experiment_for(self, model_id: str) -> str:
         """The experiment a model's traces go to: `tracing_experiment`, else its LoggedModel's."""
