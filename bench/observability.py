@@ -152,10 +152,12 @@ def per_request_costs(folder: Path, tokens: int, repeats: int = 2000) -> tuple[f
     return metrics_s, trace_s
 
 
-def bench(kind: str, clients: int, tokens: int, requests: int, rounds: int, threads: int) -> None:
+def bench(
+    kind: str, clients: int, tokens: int, requests: int, rounds: int, threads: int, data_dir: Path
+) -> None:
     from llmadapter.processes import free_port, running
 
-    folder = model_folder(kind, ROOT / ".llmadapter")
+    folder = model_folder(kind, data_dir)
     with tempfile.TemporaryDirectory(prefix="observability-bench-") as tmp_name, ExitStack() as servers:
         tmp = Path(tmp_name)
         model_uri, tracking_uri = log_model(folder, tmp)
@@ -234,10 +236,11 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=128, help="requests per run")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--torch-threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--data-dir", type=Path, default=ROOT / ".llmadapter", help="where models are built")
     args = parser.parse_args()
     print(f"machine: {os.cpu_count()} cores, torch threads {args.torch_threads}, python {sys.version[:7]}")
     for kind in ["tiny", "smollm2"] if args.model == "both" else [args.model]:
-        bench(kind, args.clients, args.tokens, args.requests, args.rounds, args.torch_threads)
+        bench(kind, args.clients, args.tokens, args.requests, args.rounds, args.torch_threads, args.data_dir)
 
 
 if __name__ == "__main__":
