@@ -16,6 +16,7 @@ import queue
 import random
 import time
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -125,8 +126,16 @@ def build_observer(metrics: ServerMetrics, settings: ServerSettings) -> Observer
             tracking_uri=uri, experiment=settings.tracing_experiment, queue_size=settings.tracing_queue_size
         )
         metrics.registry.register(tracer)  # its counts, read at scrape time
-        log.info("tracing %.0f%% of requests to %s", settings.tracing_sample_rate * 100, uri)
+        log.info("tracing %.0f%% of requests to %s", settings.tracing_sample_rate * 100, _shown(uri))
     return Observer(metrics, settings, tracer)
+
+
+def _shown(uri: str) -> str:
+    """`uri` as a log line may show it: without the user and password a URL may carry."""
+    parts = urlsplit(uri)
+    if parts.password is None and parts.username is None:
+        return uri
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def log_config(level: str) -> dict[str, Any]:

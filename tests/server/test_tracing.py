@@ -4,6 +4,7 @@ written off the request path (a slow or stopped store never fails a request; dro
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import sys
@@ -177,3 +178,18 @@ def test_a_slow_store_never_holds_requests_and_drops_are_counted(
                 message="every trace dropped and counted",
             )
             assert server.metric("llmadapter_traces_exported_total") == 0
+
+
+def test_the_tracking_uri_is_logged_without_its_password(
+    chat_engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    import mlflow
+
+    mlflow.set_tracking_uri("http://ops:s3cret@127.0.0.1:5999")
+    try:
+        with caplog.at_level(logging.INFO, logger="llmadapter.server"):
+            build_app({CHAT_ID: chat_engine}, settings(tracing=True))
+    finally:
+        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
+    assert "tracing 100% of requests to http://127.0.0.1:5999" in caplog.text
+    assert "s3cret" not in caplog.text
