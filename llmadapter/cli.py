@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import logging.config
 import sys
 import threading
 from collections.abc import Sequence
@@ -139,16 +140,25 @@ def _load_models(
 def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     settings = _serve_settings(args, parser)
     names = _model_ids(args, parser)
-    logging.basicConfig(level=settings.log_level.upper() if settings.log_level != "trace" else "DEBUG")
     import uvicorn
 
     from llmadapter.server.app import build_app
+    from llmadapter.server.observe import log_config
     from llmadapter.server.shutdown import GracefulServer
+
+    # Every line, uvicorn's and ours, shows the id of the request it was written for.
+    logging.config.dictConfig(log_config(settings.log_level))
 
     set_torch_threads(settings.torch_threads)
     _point_mlflow_at_stores()
     app = build_app({}, settings, loading=names)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        log_config=log_config(settings.log_level),
+    )
     # SIGTERM / SIGINT: drain within shutdown_grace_s, then return here (see llmadapter.server.shutdown).
     server = GracefulServer(config, app.state.shutdown)
     loaded: list[Engine] = []

@@ -459,7 +459,9 @@ def build_engine(
     config = read_stored_config(spec.config_model, mlmodel.flavors.get("python_function", {}), model_config)
     model, tokenizer = _load_components(path, mlmodel.flavors[FLAVOR_NAME])
     name = model_name or extras["served_model_name"]
-    return _ENGINES[spec.config_model](model, tokenizer, path, spec, config, name)
+    engine = _ENGINES[spec.config_model](model, tokenizer, path, spec, config, name)
+    engine.model_id = mlmodel.model_id or ""  # the LoggedModel its traces link to
+    return engine
 
 
 def load_engine(

@@ -60,6 +60,10 @@ class Engine(ABC):
     spec: TaskSpec
     model_name: str
     stats: EngineStats
+    # The MLflow LoggedModel id of the artifact ("" when unknown) and its registry version ("" when
+    # unknown; set by whoever resolved it): labels of the engine's metrics and traces.
+    model_id: str = ""
+    model_version: str = ""
 
     @property
     def inference_task(self) -> str:

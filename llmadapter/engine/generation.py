@@ -22,6 +22,7 @@ from llmadapter.engine.scheduler import Scheduler
 from llmadapter.engine.scheduler import Sequence as Seq
 from llmadapter.engine.sink import LoopSink, Sink, ThreadSink
 from llmadapter.engine.stops import IncrementalDecoder, StopMatcher
+from llmadapter.engine.timing import SequenceTimes
 from llmadapter.errors import ContextLengthError, InvalidRequestError
 from llmadapter.protocol import (
     DetokenizeRequest,
@@ -32,6 +33,7 @@ from llmadapter.protocol import (
     new_id,
     now,
 )
+from llmadapter.request_context import add_work, current_id
 
 _GEN_REQUESTS = tuple(f.request_model for f in FORMATS.values())
 
@@ -173,7 +175,9 @@ class GenerationEngine(Engine):
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
     def _sequences(self, job: Job, sink: Sink) -> list[Seq]:
-        """The job's sequences (prompt x n), reporting to `sink`."""
+        """The job's sequences (prompt x n), reporting to `sink`; the job is the current request's work."""
+        arrival = add_work(self, job)
+        request_id = current_id()
         for p_index, prompt in enumerate(job.prompts):
             limit = min(job.params.max_tokens, self._window - len(prompt))
             for j in range(job.params.n):
@@ -190,6 +194,8 @@ class GenerationEngine(Engine):
                         ),
                         decoder=IncrementalDecoder(self.tokenizer),
                         matcher=StopMatcher(job.params.stop, include=job.params.include_stop_str),
+                        times=SequenceTimes(arrival),
+                        request_id=request_id,
                     )
                 )
         sink.expect(job.seqs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from llmadapter.engine.base import EngineStats, WorkerThread
 from llmadapter.engine.logprobs import PromptToken, score_prompt
 from llmadapter.engine.sampling import RowSampler, choose_tokens
 from llmadapter.engine.stops import IncrementalDecoder, StopMatcher
+from llmadapter.engine.timing import SequenceTimes
 from llmadapter.errors import GenerationError, LLMAdapterError, OverloadedError
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,8 @@ class Sequence:
     error: LLMAdapterError | None = None
     cancelled: bool = False
     prompt_logprobs: list[PromptToken] | None = None  # when params.prompt_logprobs asks for them
+    times: SequenceTimes = field(default_factory=SequenceTimes)
+    request_id: str = "-"  # the server's X-Request-Id ("-": none), for the engine's own log lines
 
     @property
     def text(self) -> str:
@@ -144,6 +148,9 @@ class Scheduler:
                     f"The server is busy: {len(self._waiting) + len(self._batch)} sequences queued or "
                     f"running (limit {self.max_queue}). Retry shortly."
                 )
+            now = time.perf_counter()
+            for seq in seqs:
+                seq.times.queued = now
             self._waiting.extend(seqs)
             self.stats.queue_depth = len(self._waiting)
             self._worker.start_once()
@@ -181,9 +188,11 @@ class Scheduler:
                         self._decode_step()
                         self._drop_finished()
             except Exception as exc:  # one failing step must not kill the worker for later requests
-                log.exception("generation step failed")
+                failed = [*self._batch.seqs, *admitted]
+                ids = ", ".join(sorted({seq.request_id for seq in failed}))
+                log.exception("generation step failed (requests: %s)", ids)
                 err = exc if isinstance(exc, LLMAdapterError) else GenerationError(exc)
-                for seq in [*self._batch.seqs, *admitted]:
+                for seq in failed:
                     if seq.finish_reason is None:
                         self._finish(seq, None, err)
                 self._batch = _Batch()
@@ -194,11 +203,13 @@ class Scheduler:
         if self._batch.seqs and self._batch.cache is not None and not _mergeable(self._batch.cache):
             return admitted  # cache layout we cannot merge into: static batches only
         room = self.max_batch_size - len(self._batch)
+        now = time.perf_counter()
         while self._waiting and room > 0:
             seq = self._waiting.popleft()
             if seq.cancelled:
                 self._finish(seq, None, None)
                 continue
+            seq.times.scheduled = now
             admitted.append(seq)
             room -= 1
         self.stats.queue_depth = len(self._waiting)
@@ -302,6 +313,7 @@ class Scheduler:
         want_logprobs = [i for i, s in enumerate(seqs) if s.params.logprobs]
         logprobs = torch.log_softmax(logits[want_logprobs], dim=-1) if want_logprobs else None
         tokens = choose_tokens(logits, [s.sampler for s in seqs])
+        now = time.perf_counter()  # one stamp for the whole step, as every row's token is ready now
         for i, (seq, tok) in enumerate(zip(seqs, tokens, strict=True)):
             self._batch.last_tokens[offset + i] = tok
             info = None
@@ -312,14 +324,14 @@ class Scheduler:
                     values, idx = torch.topk(row, seq.params.top_logprobs)
                     top = [(self._piece(int(t)), float(v)) for v, t in zip(values, idx, strict=True)]
                 info = TokenInfo(self._piece(tok), float(row[tok]), top, len(seq.matcher.text))
-            self._record(seq, tok, info)
+            self._record(seq, tok, info, now)
 
     def _piece(self, token_id: int) -> str:
         return str(self.tokenizer.decode([token_id], skip_special_tokens=False))
 
     # -- bookkeeping --------------------------------------------------------------------------
 
-    def _record(self, seq: Sequence, tok: int, info: TokenInfo | None) -> None:
+    def _record(self, seq: Sequence, tok: int, info: TokenInfo | None, now: float) -> None:
         if seq.finish_reason is not None:
             return
         if seq.cancelled:
@@ -329,6 +341,7 @@ class Scheduler:
         if seq.max_new_tokens == 0:  # completions' max_tokens 0: the prefill only scored the prompt
             self._finish(seq, "length", None)
             return
+        seq.times.token(now)
         if tok in self.eos_ids and not p.ignore_eos:
             self._finish(seq, "stop", None, seq.matcher.feed(seq.decoder.flush()) + seq.matcher.finish())
             return
@@ -359,6 +372,7 @@ class Scheduler:
     def _finish(
         self, seq: Sequence, reason: str | None, error: LLMAdapterError | None, out: str = ""
     ) -> None:
+        seq.times.finished = time.perf_counter()  # before the reason: a reader that sees one sees both
         seq.finish_reason = reason or ("error" if error else "cancelled")
         seq.error = error
         seq.sink(seq, out, True)

@@ -14,10 +14,13 @@ whoever made the engines owns them (the CLI, a test fixture). Routes live in `op
 - the middleware that answers those exceptions and counts and times every answer to its last byte;
 - the shutdown state (`app.state.shutdown`) and its middleware: 503 while draining, the answers to what
   the end of the shutdown grace cancels (`shutdown`).
+- outermost, `observe.RequestIdMiddleware`: each request's X-Request-Id and context, and the observer
+  that records its latency metrics and trace off the request path (closed when the app shuts down).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
@@ -40,6 +43,7 @@ from llmadapter.server.errors import ErrorAnswer, ModelLoadingError, to_error_an
 from llmadapter.server.lifetime import ClientDisconnected
 from llmadapter.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from llmadapter.server.metrics import ServerMetrics
+from llmadapter.server.observe import Observer, RequestIdMiddleware, build_observer
 from llmadapter.server.served import ServedModels
 from llmadapter.server.settings import ServerSettings
 from llmadapter.server.shutdown import Shutdown, ShutdownMiddleware
@@ -142,11 +146,15 @@ class _AnswerMiddleware:
             return
         start = time.perf_counter()
         status: int | None = None
+        first_event: float | None = None  # when a server-sent event answer started: its first chunk
 
         async def record_status(message: Message) -> None:
-            nonlocal status
+            nonlocal status, first_event
             if message["type"] == "http.response.start":
                 status = int(message["status"])
+                headers = message.get("headers", [])
+                if any(k == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers):
+                    first_event = time.perf_counter()
             await send(message)
 
         try:
@@ -161,6 +169,8 @@ class _AnswerMiddleware:
             model = str(scope.get("state", {}).get("model", ""))
             self.metrics.requests.labels(route, model, str(status or 500)).inc()
             self.metrics.latency.labels(route, model).observe(time.perf_counter() - start)
+            if first_event is not None:
+                self.metrics.ttft.labels(route, model).observe(first_event - start)
 
 
 def _probes(models: ServedModels, metrics: ServerMetrics) -> APIRouter:
@@ -185,6 +195,15 @@ def _probes(models: ServedModels, metrics: ServerMetrics) -> APIRouter:
     return probes
 
 
+def _closing(observer: Observer) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await asyncio.to_thread(observer.close)  # record what is queued; write the traces it can
+
+    return lifespan
+
+
 def build_app(
     engines: Mapping[str, Engine], settings: ServerSettings, *, loading: Collection[str] = ()
 ) -> FastAPI:
@@ -198,6 +217,7 @@ def build_app(
         raise ValueError(f"Engines are served under their model_name; keys differ: {', '.join(misnamed)}.")
     models = ServedModels(engines.values(), loading)
     metrics = ServerMetrics(lambda: models.engines)
+    observer = build_observer(metrics, settings)
     guarded = [Depends(_key_check(settings))]
     routers = [(openai_routes.router, guarded), (invocations.router, guarded), (_probes(models, metrics), [])]
     routers += tokenizer_routes.routers(guarded)
@@ -210,6 +230,7 @@ def build_app(
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
+        lifespan=_closing(observer),
     )
     for router, dependencies in routers:
         app.include_router(router, dependencies=dependencies)
@@ -231,6 +252,7 @@ def build_app(
     app.state.shutdown = Shutdown(settings.shutdown_grace_s)
     app.add_middleware(ShutdownMiddleware, shutdown=app.state.shutdown, answer_error=errors.answer)
     app.add_middleware(_AnswerMiddleware, metrics=metrics, errors=errors)
+    app.add_middleware(RequestIdMiddleware, observer=observer)  # added last: outermost
     # Name the variable, never the key.
     guard = (
         f"bearer key from ${settings.api_key_env}"

@@ -2,6 +2,8 @@
 
 The envelope (`dataframe_split`, `dataframe_records`, `instances`, `inputs`, a plain OpenAI body, or
 `text/csv`) is read here; its rows become requests through `llmadapter.rows`, exactly as in `predict`.
+One request asking for a stream (its `stream`, or `params.stream`) gets the SSE stream the /v1 route
+gives, which `mlflow models serve` cannot (MLflow issue 12439); our pyfunc's `predict` still answers whole.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from fastapi.responses import Response
 from llmadapter.engine.base import Engine
 from llmadapter.errors import InvalidRequestError
 from llmadapter.rows import plain_rows, request_rows
+from llmadapter.server import sse
 from llmadapter.server.body import parse_object, read_body
 from llmadapter.server.context import Context
 from llmadapter.server.lifetime import all_or_none, until_done
@@ -43,6 +46,11 @@ class Invocation:
     params: dict[str, Any] = field(default_factory=dict)
     wrapped: bool = True
 
+    @property
+    def streams(self) -> bool:
+        """Whether the body asks for a stream: a row's `stream`, or `params.stream`."""
+        return any(source.get("stream") is True for source in (self.params, *self.rows))
+
 
 @router.post(INVOCATIONS, include_in_schema=False)
 async def invocations(request: Request, ctx: Context) -> Response:
@@ -53,6 +61,14 @@ async def invocations(request: Request, ctx: Context) -> Response:
         invocation = split_invocation(parse_object(body))
     engine = _engine_for(ctx.models, invocation.rows)
     request.state.model = engine.model_name  # the metrics label
+    if invocation.streams:
+        rows = request_rows(invocation.rows, invocation.params, engine.spec, streaming=True)
+        if len(rows) != 1:
+            raise InvalidRequestError(
+                f"A streamed invocation holds exactly one request; this one holds {len(rows)}.",
+                param="stream",
+            )
+        return await sse.stream_answer(request, ctx, engine, engine.parse(rows[0]))
     parsed = [engine.parse(row) for row in request_rows(invocation.rows, invocation.params, engine.spec)]
     async with ctx.admit():
         results = await until_done(

@@ -80,6 +80,36 @@ class ServerSettings(BaseSettings):
         pattern="^(critical|error|warning|info|debug|trace)$",
         description="uvicorn and llmadapter log level.",
     )
+    request_metrics: bool = Field(
+        default=True,
+        description="Per-request latency histograms and finish-reason counts on /metrics (vLLM's names), "
+        "recorded off the request path; false records none of them.",
+    )
+    tracing: bool = Field(
+        default=False,
+        description="Write sampled requests as MLflow traces (one span each, linked to the served "
+        "LoggedModel) to the tracking store, from a background exporter.",
+    )
+    tracing_include_text: bool = Field(
+        default=True,
+        description="Record prompts and completions in traces; false keeps only parameters, usage, "
+        "finish reasons and timings.",
+    )
+    tracing_sample_rate: float = Field(
+        default=1.0, ge=0.0, le=1.0, description="Fraction of requests traced when tracing is on."
+    )
+    tracing_experiment: str = Field(
+        default="",
+        description="MLflow experiment (name) that receives the traces; empty: each served model's own "
+        "experiment (its LoggedModel's).",
+    )
+    tracing_queue_size: int = Field(
+        default=1000,
+        ge=1,
+        le=1_000_000,
+        description="Traces waiting for the exporter at most; past it traces are dropped (counted in "
+        "llmadapter_traces_dropped_total), never waited for.",
+    )
 
     @field_validator("api_key_env")
     @classmethod

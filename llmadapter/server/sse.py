@@ -1,14 +1,22 @@
-"""Server-sent events in OpenAI's streaming format: `data: {chunk}` lines, `data: [DONE]`, error events."""
+"""Server-sent events in OpenAI's streaming format (`data: {chunk}` lines, `data: [DONE]`, error events),
+and the one streamed answer that /v1/* and /invocations both give (`stream_answer`)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
 
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
+from starlette.background import BackgroundTask
 
+from llmadapter.engine.base import Engine
+from llmadapter.server.context import ServerContext
 from llmadapter.server.errors import ErrorAnswer, RequestTimeoutError
+from llmadapter.server.lifetime import until_done
 
 DONE = b"data: [DONE]\n\n"
 MEDIA_TYPE = "text/event-stream"
@@ -69,3 +77,52 @@ async def event_stream(
         yield encode_error(answer_error(exc))
     finally:
         await aclose(chunks)
+
+
+async def stream_answer(request: Request, ctx: ServerContext, engine: Engine, parsed: BaseModel) -> Response:
+    """The SSE answer to one streamed request, holding one admission slot until its last byte."""
+    slot = AsyncExitStack()
+    await slot.enter_async_context(ctx.admit())
+    deadline = ctx.deadline()
+    timeout_s = ctx.settings.request_timeout_s
+    try:
+        chunks = engine.astream(parsed)
+    except BaseException:
+        await slot.aclose()
+        raise
+
+    async def cleanup() -> None:
+        # Idempotent: it runs when the body ends and again as the response's background task.
+        await aclose(chunks)
+        await slot.aclose()
+
+    try:
+        # The first chunk is awaited here, before any header is sent, so that a full queue, a
+        # too-long prompt or a timeout still gets its own HTTP status.
+        first = await until_done(request, anext(chunks, None), deadline, timeout_s)
+        if first is None:
+            raise RuntimeError("the engine's stream ended without a chunk")
+    except BaseException:
+        await cleanup()
+        raise
+    route = request.url.path
+    events = event_stream(
+        first,
+        chunks,
+        deadline=deadline,
+        timeout_s=timeout_s,
+        answer_error=lambda exc: ctx.answer_error(route, exc),
+    )
+    # The background task runs after the stream ends or the client leaves, even when the body
+    # iterator never started.
+    return StreamingResponse(
+        _then(events, cleanup), media_type=MEDIA_TYPE, headers=HEADERS, background=BackgroundTask(cleanup)
+    )
+
+
+async def _then(stream: AsyncIterator[bytes], cleanup: Callable[[], Awaitable[None]]) -> AsyncIterator[bytes]:
+    try:
+        async for part in stream:
+            yield part
+    finally:
+        await cleanup()

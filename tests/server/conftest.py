@@ -64,7 +64,10 @@ class RunningServer:
 @contextmanager
 def serve(app: FastAPI, log_level: str = "warning") -> Iterator[RunningServer]:
     """Run `app` on uvicorn (one worker, as `llmadapter serve` does) on a free 127.0.0.1 port."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP named, so that asyncio sets TCP_NODELAY on accepted connections as it does for the
+    # sockets uvicorn makes itself (`llmadapter serve`); with proto 0 it does not, and Nagle plus delayed
+    # ACKs add 40 ms to every answer.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))  # the port is ours from here on: no race with other tests
     port = sock.getsockname()[1]

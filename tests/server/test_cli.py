@@ -88,8 +88,14 @@ def test_serve_a_registered_model_with_an_api_key(logged_chat: str, tmp_path: Pa
             'llmadapter_requests_total{model="tiny-chat",route="/v1/chat/completions",status="200"} 1.0'
             in metrics
         )
+        traced = httpx.get(f"{url}/v1/models", headers={"X-Request-Id": "cli-req-1"})
+        assert traced.status_code == 401 and traced.headers["x-request-id"] == "cli-req-1"
     assert proc.returncode == 0
-    assert "sk-cli-test" not in (tmp_path / "serve.log").read_text()
+    log = (tmp_path / "serve.log").read_text()
+    assert "sk-cli-test" not in log
+    # Every line carries the id of the request it was written for ("-": none).
+    assert "[cli-req-1] 127.0.0.1" in log and '"GET /v1/models HTTP/1.1" 401' in log
+    assert "[-] llmadapter.cli: tiny-chat ready" in log
 
 
 @pytest.mark.slow
@@ -163,6 +169,13 @@ def test_mlflow_models_serve_answers_invocations_like_our_server(logged_chat: st
             got = httpx.post(f"{ours_url}/invocations", json=body, timeout=120)
             assert expected.status_code == got.status_code == 200, (body, expected.text, got.text)
             assert _comparable(got.json()) == _comparable(expected.json()), body
+        # Asked to stream, `mlflow models serve` answers whole (our pyfunc's predict); ours streams.
+        streamed = {"messages": HELLO, "max_tokens": 5, "temperature": 0, "stream": True}
+        whole = httpx.post(f"{mlflow_url}/invocations", json=streamed, timeout=120)
+        assert whole.json()["object"] == "chat.completion"
+        events = httpx.post(f"{ours_url}/invocations", json=streamed, timeout=120)
+        assert events.headers["content-type"].startswith("text/event-stream")
+        assert events.text.endswith("data: [DONE]\n\n")
         first = httpx.post(f"{mlflow_url}/invocations", json=bodies[0], timeout=120).json()
         assert TRAINED_ANSWER.startswith(first["choices"][0]["message"]["content"])
         assert first["usage"]["completion_tokens"] == STORED_MAX_TOKENS

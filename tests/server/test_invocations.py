@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -83,12 +85,45 @@ def test_a_single_row_is_one_prediction_object(chat_only: RunningServer) -> None
     assert response.json()["predictions"]["choices"][0]["message"]["content"] == TRAINED_ANSWER
 
 
-def test_stream_flag_is_ignored_as_pyfunc_predict_does(chat_only: RunningServer) -> None:
-    body = {"messages": HELLO, "temperature": 0, "max_tokens": 100, "stream": True}
-    for extra in ({}, {"stream_options": {"include_usage": True}}):
-        response = _post(chat_only, {**body, **extra})
-        assert response.status_code == 200, response.text
-        assert response.json()["choices"][0]["message"]["content"] == TRAINED_ANSWER
+def _events(response: httpx.Response) -> list[Any]:
+    """The SSE events of an answer, without what differs run for run (ids, timestamps)."""
+    assert response.headers["content-type"].startswith("text/event-stream"), response.text
+    events = [line.removeprefix("data: ") for line in response.text.split("\n\n") if line]
+    assert events[-1] == "[DONE]"
+    return [{k: v for k, v in json.loads(e).items() if k not in ("id", "created")} for e in events[:-1]]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"stream": True},
+        {"stream": True, "stream_options": {"include_usage": True}},
+        {"dataframe_records": [{}], "params": {"stream": True}},
+        {"dataframe_records": [{}], "params": {"stream": True, "stream_options": {"include_usage": True}}},
+    ],
+    ids=["stream", "stream-with-usage", "params-stream", "params-stream-with-usage"],
+)
+def test_a_streamed_invocation_is_the_v1_stream(chat_only: RunningServer, body: dict) -> None:
+    """`mlflow models serve` cannot stream; our /invocations gives the /v1 route's SSE chunks."""
+    request = {"messages": HELLO, "temperature": 0, "max_tokens": 100}
+    if "dataframe_records" in body:
+        invocation = {**body, "dataframe_records": [request]}
+    else:
+        invocation = {**request, **body}
+    flags = {k: v for k, v in {**body, **body.get("params", {})}.items() if k in ("stream", "stream_options")}
+    v1 = httpx.post(f"{chat_only.url}/v1/chat/completions", json={**request, **flags}, timeout=60)
+    streamed = _events(_post(chat_only, invocation))
+    assert streamed == _events(v1)
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in streamed if e["choices"]) == (
+        TRAINED_ANSWER
+    )
+    assert bool(streamed[-1].get("usage")) == bool(flags.get("stream_options"))
+
+
+def test_a_streamed_invocation_holds_one_request(chat_only: RunningServer) -> None:
+    response = _post(chat_only, {"dataframe_records": [{"messages": HELLO}] * 2, "params": {"stream": True}})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "stream"
 
 
 def test_a_failing_row_cancels_the_rows_already_generating(
