@@ -34,6 +34,7 @@ bench: setup
 	$(BIN)/python bench/embeddings.py
 	$(BIN)/python bench/serving.py --quick
 	$(BIN)/python bench/flow.py
+	$(BIN)/python bench/observability.py --rounds 3
 
 clean:
 	rm -rf .llmadapter .pytest_cache .mypy_cache .ruff_cache

@@ -1,13 +1,13 @@
 """The trace exporter: sampled traces leave the serving process through a bounded queue and are written
-to MLflow by a child process at low CPU priority.
+to MLflow by a child process at the lowest CPU priority.
 
-Why a process: MLflow's client is heavy Python (an SQLite store spends ~10-16 ms of CPU per trace in
+Why a process: MLflow's client is heavy Python (an SQLite store spends ~8 ms of CPU per trace in
 SQLAlchemy), and in a thread of the server it would hold the GIL the event loop and the scheduler need;
-as a niced child it only gets the CPU the server leaves. Nothing ever waits for it: a full queue drops the
-trace at once (`queue_full`), a store that fails drops the batch it was given (`export_failed`), and both
-are counted, with what was written, in counters the child shares with the server and /metrics reads at
-scrape time. How long one write may block is MLflow's HTTP client settings (`MLFLOW_HTTP_REQUEST_TIMEOUT`,
-`MLFLOW_HTTP_REQUEST_MAX_RETRIES`), which the child inherits.
+as a child at nice 19 it only gets the CPU the server leaves. Nothing ever waits for it: a full queue
+drops the trace at once (`queue_full`), a store that fails drops the batch it was given
+(`export_failed`), and both are counted, with what was written, in counters the child shares with the
+server and /metrics reads at scrape time. How long one write may block is MLflow's HTTP client settings
+(`MLFLOW_HTTP_REQUEST_TIMEOUT`, `MLFLOW_HTTP_REQUEST_MAX_RETRIES`), which the child inherits.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ log = logging.getLogger("llmadapter.server.traces")
 
 # Traces written per round trip at most, when the queue holds several.
 _BATCH = 64
-# How much the child yields the CPU to the server (nice increment).
-_NICENESS = 10
+# The child yields the CPU to the server: at the lowest priority it writes with what the server leaves
+# idle; under sustained saturation its queue fills and traces are dropped (counted), not served slower.
+_NICENESS = 19
 # How often the child checks that the server is still there (seconds).
 _PARENT_CHECK_S = 1.0
 # Shared counters, by index.
