@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -71,8 +72,13 @@ def serve(app: FastAPI, log_level: str = "warning") -> Iterator[RunningServer]:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))  # the port is ours from here on: no race with other tests
     port = sock.getsockname()[1]
-    # log_config=None: uvicorn's loggers propagate to the root logger, where caplog can read them.
+    # log_config=None: uvicorn's loggers propagate to the root logger, where caplog can read them;
+    # unless an earlier test ran a flow in this process: Prefect's logging config stops `uvicorn`
+    # propagating, so it is turned back on while this server runs.
     config = uvicorn.Config(app, log_level=log_level, log_config=None, timeout_graceful_shutdown=5)
+    uvicorn_logger = logging.getLogger("uvicorn")
+    propagated = uvicorn_logger.propagate
+    uvicorn_logger.propagate = True
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
     thread.start()
@@ -87,6 +93,7 @@ def serve(app: FastAPI, log_level: str = "warning") -> Iterator[RunningServer]:
         server.should_exit = True
         thread.join(timeout=30)
         sock.close()
+        uvicorn_logger.propagate = propagated
 
 
 def settings(**overrides: Any) -> ServerSettings:
