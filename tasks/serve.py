@@ -72,16 +72,23 @@ def run_server(
     previous = {sig: signal.signal(sig, forward) for sig in SIGNALS} if in_main_thread else {}
     try:
         base = f"http://{host}:{port}"
-        wait_until_ready(
-            proc, f"{base}/ready", what=f"The server for {model_uri}", timeout_s=startup_timeout_s
-        )
-        logger.info("Serving %s at %s/v1", model_uri, base)
-        create_link_artifact(
-            link=f"{base}/v1",
-            link_text=f"OpenAI-compatible API for {model_uri}",
-            key=artifact_key("server", host, str(port)),
-            description=f"`{model_uri}` served by llmadapter (pid {proc.pid}).",
-        )
+        try:
+            wait_until_ready(
+                proc, f"{base}/ready", what=f"The server for {model_uri}", timeout_s=startup_timeout_s
+            )
+        except LLMAdapterError:
+            # A stop forwarded while it was starting (or before this poll saw it ready) is still a
+            # stop: the exit code below says whether it was clean.
+            if not stops or proc.poll() is None:
+                raise
+        else:
+            logger.info("Serving %s at %s/v1", model_uri, base)
+            create_link_artifact(
+                link=f"{base}/v1",
+                link_text=f"OpenAI-compatible API for {model_uri}",
+                key=artifact_key("server", host, str(port)),
+                description=f"`{model_uri}` served by llmadapter (pid {proc.pid}).",
+            )
         code = proc.wait()
         why = f"after {' and '.join(stops)}" if stops else "while serving"
         if code != 0:
