@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     import uvicorn
     from fastapi import FastAPI
 
-    from llmadapter.engine.base import Engine
+    from llmadapter.follow import ModelHost
     from llmadapter.server.settings import ServerSettings
 
 log = logging.getLogger("llmadapter.cli")
@@ -113,28 +113,21 @@ def _point_mlflow_at_stores() -> None:
     mlflow.set_registry_uri(project.resolved_registry_uri())
 
 
-def _load_models(
-    app: FastAPI,
-    server: uvicorn.Server,
-    models: Sequence[tuple[str, str]],
-    loaded: list[Engine],
-    failed: list[str],
-) -> None:
-    """Load each model and add it to the running app (/ready turns 200 after the last); stop on failure."""
-    from llmadapter.mlflow_model import load_engine
-
-    for name, uri in models:
+def _load_models(app: FastAPI, server: uvicorn.Server, hosts: Sequence[ModelHost], failed: list[str]) -> None:
+    """Load each model and add it to the running app (/ready turns 200 after the last), then follow the
+    aliases; stop the server when a first load fails."""
+    for host in hosts:
         try:
-            log.info("loading %s from %s", name, uri)
-            engine = load_engine(uri, model_name=name)
+            log.info("loading %s from %s", host.name, host.uri)
+            engine = host.load()
         except Exception as exc:
-            log.exception("could not load %s from %s", name, uri)
-            failed.append(f"{name}: {exc}")
+            log.exception("could not load %s from %s", host.name, host.uri)
+            failed.append(f"{host.name}: {exc}")
             server.should_exit = True
             return
-        loaded.append(engine)
-        app.state.models.add(engine)
-        log.info("%s ready (%s)", name, engine.inference_task)
+        log.info("%s ready (%s, version %s)", host.name, engine.inference_task, engine.model_version or "-")
+    for host in hosts:
+        host.follow()
 
 
 def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -142,6 +135,7 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     names = _model_ids(args, parser)
     import uvicorn
 
+    from llmadapter.follow import ModelHost
     from llmadapter.server.app import build_app
     from llmadapter.server.observe import log_config
     from llmadapter.server.shutdown import GracefulServer
@@ -161,23 +155,32 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     )
     # SIGTERM / SIGINT: drain within shutdown_grace_s, then return here (see llmadapter.server.shutdown).
     server = GracefulServer(config, app.state.shutdown)
-    loaded: list[Engine] = []
+    # One host per model: its first load, then (models:/NAME@ALIAS) following the alias.
+    hosts = [
+        ModelHost(
+            app.state.models,
+            name,
+            uri,
+            poll_s=settings.alias_poll_s,
+            retry_s=settings.swap_retry_s,
+            strategy=settings.swap_strategy,
+        )
+        for name, uri in zip(names, args.model_uris, strict=True)
+    ]
     failed: list[str] = []
     # Models load in the background so that /health answers at once and /ready tells when they are in.
     loader = threading.Thread(
-        target=_load_models,
-        args=(app, server, list(zip(names, args.model_uris, strict=True)), loaded, failed),
-        name="llmadapter-loader",
-        daemon=True,
+        target=_load_models, args=(app, server, hosts, failed), name="llmadapter-loader", daemon=True
     )
     loader.start()
     try:
         server.run()
     finally:
         loader.join(timeout=1)
-        for engine in loaded:
-            engine.close()
-        log.info("closed %d engine(s): %s", len(loaded), ", ".join(e.model_name for e in loaded) or "none")
+        closed = [host.name for host in hosts if host.name in app.state.models.engines]
+        for host in hosts:
+            host.close()
+        log.info("closed %d engine(s): %s", len(closed), ", ".join(closed) or "none")
     if failed:
         print(f"llmadapter serve: could not load {'; '.join(failed)}", file=sys.stderr)
         return 1

@@ -194,6 +194,12 @@ class ModelCard(WireResponse):
     created: int = Field(default_factory=now)
     owned_by: str = "llmadapter"
     task: str | None = None
+    # Our additions: the registry version answering now, the alias it follows, a version that failed to
+    # replace it (and why), when it last switched (unix time).
+    version: str | None = None
+    alias: str | None = None
+    swap_failure: str | None = None
+    switched_at: int | None = None
 
 
 class ModelList(WireResponse):

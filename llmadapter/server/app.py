@@ -7,7 +7,11 @@ whoever made the engines owns them (the CLI, a test fixture). Routes live in `op
 - a bearer key (when the variable named by `api_key_env` is set) on /v1/* and /invocations, as a route
   dependency; /health, /ready and /metrics stay open for probes and scrapes;
 - the admission bound: every generation request holds one of `max_queue` slots (`async with`), 429 with
-  Retry-After past it;
+  Retry-After past it, and with it a lease on its engine (a model swap closes an engine once no request
+  holds it);
+- the version header: every answer an engine with a registry version produced carries
+  X-LLMAdapter-Model-Version (streams too);
+- POST /webhooks/mlflow (`webhooks`): signed MLflow deliveries that make followed aliases re-resolve;
 - the one error mapping: any exception a route raises becomes its OpenAI error answer, counted in the
   metrics (a stream's mid-stream error event too); a client that disconnected gets no answer (499 in
   the logs and metrics);
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -37,7 +42,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmadapter.engine.base import Engine
 from llmadapter.errors import AuthenticationError, OverloadedError
-from llmadapter.server import invocations, openai_routes, tokenizer_routes
+from llmadapter.server import invocations, openai_routes, tokenizer_routes, webhooks
 from llmadapter.server.context import ServerContext
 from llmadapter.server.errors import ErrorAnswer, ModelLoadingError, to_error_answer
 from llmadapter.server.lifetime import ClientDisconnected
@@ -51,6 +56,8 @@ from llmadapter.server.shutdown import Shutdown, ShutdownMiddleware
 log = logging.getLogger("llmadapter.server")
 
 JSON = "application/json"
+# Every answer a registry version produced names it (the `model` field stays the registered name).
+VERSION_HEADER = b"x-llmadapter-model-version"
 # 499: nginx's "client closed request"; the answer is never read, the code is for logs and metrics.
 CLIENT_CLOSED = 499
 
@@ -58,15 +65,17 @@ CLIENT_CLOSED = 499
 class _Admission:
     """Server-wide bound on requests in flight; past it, answer 429 at once instead of queueing forever."""
 
-    def __init__(self, settings: ServerSettings, metrics: ServerMetrics) -> None:
+    def __init__(self, settings: ServerSettings, metrics: ServerMetrics, models: ServedModels) -> None:
         self.limit = settings.max_queue
+        self.models = models
         self.retry_after = float(settings.retry_after_s)
         self.count = 0
         self._gauge = metrics.in_flight
 
     @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        """Hold one slot for the body of the `async with` (OverloadedError when none is free)."""
+    async def slot(self, engine: Engine) -> AsyncIterator[None]:
+        """Hold one slot and a lease on `engine` for the body of the `async with` (OverloadedError when
+        no slot is free)."""
         if self.count >= self.limit:
             raise OverloadedError(
                 f"The server has {self.count} requests in flight (limit {self.limit}); retry shortly.",
@@ -75,7 +84,8 @@ class _Admission:
         self.count += 1
         self._gauge.inc()
         try:
-            yield
+            with self.models.lease(engine):
+                yield
         finally:
             self.count -= 1
             self._gauge.dec()
@@ -153,6 +163,9 @@ class _AnswerMiddleware:
             if message["type"] == "http.response.start":
                 status = int(message["status"])
                 headers = message.get("headers", [])
+                version = scope.get("state", {}).get("model_version")
+                if version:  # the registry version whose engine answered (streams too: set before)
+                    headers = message["headers"] = [*headers, (VERSION_HEADER, str(version).encode())]
                 if any(k == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers):
                     first_event = time.perf_counter()
             await send(message)
@@ -186,7 +199,14 @@ def _probes(models: ServedModels, metrics: ServerMetrics) -> APIRouter:
         loading = sorted(models.loading)
         if loading:
             raise ModelLoadingError(f"Models still loading: {', '.join(loading)}.")
-        return Response(json.dumps({"status": "ready", "models": sorted(models.engines)}), media_type=JSON)
+        # Ready while every name has an engine; a failed swap is reported, the old version still answers.
+        detail = {
+            name: {k: v for k, v in dataclasses.asdict(state).items() if v not in (None, "")}
+            for name, state in sorted(models.states.items())
+            if name in models.engines
+        }
+        body = {"status": "ready", "models": sorted(models.engines), "serving": detail}
+        return Response(json.dumps(body), media_type=JSON)
 
     @probes.get("/metrics", include_in_schema=False)
     async def metrics_route() -> Response:
@@ -195,11 +215,17 @@ def _probes(models: ServedModels, metrics: ServerMetrics) -> APIRouter:
     return probes
 
 
-def _closing(observer: Observer) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]:
+def _lifespan(
+    observer: Observer, models: ServedModels
+) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        yield
-        await asyncio.to_thread(observer.close)  # record what is queued; write the traces it can
+        models.bind(asyncio.get_running_loop())  # model swaps switch engines on this loop
+        try:
+            yield
+        finally:
+            models.bind(None)
+            await asyncio.to_thread(observer.close)  # record what is queued; write the traces it can
 
     return lifespan
 
@@ -216,10 +242,16 @@ def build_app(
     if misnamed:
         raise ValueError(f"Engines are served under their model_name; keys differ: {', '.join(misnamed)}.")
     models = ServedModels(engines.values(), loading)
-    metrics = ServerMetrics(lambda: models.engines)
+    metrics = ServerMetrics(lambda: models.engines, lambda: models.states)
     observer = build_observer(metrics, settings)
     guarded = [Depends(_key_check(settings))]
-    routers = [(openai_routes.router, guarded), (invocations.router, guarded), (_probes(models, metrics), [])]
+    # The webhook route is open: MLflow cannot send our key; each delivery's signature is its guard.
+    routers = [
+        (openai_routes.router, guarded),
+        (invocations.router, guarded),
+        (_probes(models, metrics), []),
+        (webhooks.router(models, settings), []),
+    ]
     routers += tokenizer_routes.routers(guarded)
     # Metrics label these paths as themselves and any other path (unknown, or with a model id) "other".
     paths = (r.path for router, _ in routers for r in router.routes if isinstance(r, APIRoute))
@@ -230,12 +262,12 @@ def build_app(
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
-        lifespan=_closing(observer),
+        lifespan=_lifespan(observer, models),
     )
     for router, dependencies in routers:
         app.include_router(router, dependencies=dependencies)
     app.state.models = models  # for the loader that adds models later
-    admission = _Admission(settings, metrics)
+    admission = _Admission(settings, metrics, models)
     app.state.context = ServerContext(models, settings, metrics, admission.slot, errors.answer)
 
     async def on_http_error(request: Request, exc: Exception) -> Response:

@@ -21,9 +21,8 @@ from llmadapter.errors import InvalidRequestError
 from llmadapter.rows import plain_rows, request_rows
 from llmadapter.server import sse
 from llmadapter.server.body import parse_object, read_body
-from llmadapter.server.context import Context
+from llmadapter.server.context import Context, ServerContext, served_by
 from llmadapter.server.lifetime import all_or_none, until_done
-from llmadapter.server.served import ServedModels
 
 INVOCATIONS = "/invocations"
 # The keys `mlflow models serve` accepts on /invocations (mlflow.pyfunc.scoring_server).
@@ -59,8 +58,9 @@ async def invocations(request: Request, ctx: Context) -> Response:
         invocation = read_csv(body)
     else:
         invocation = split_invocation(parse_object(body))
-    engine = _engine_for(ctx.models, invocation.rows)
-    request.state.model = engine.model_name  # the metrics label
+    engine = await _engine_for(ctx, invocation.rows)
+    served_by(request, engine)
+    # No await from picking the engine to leasing it (ctx.admit): a swap cannot close it in between.
     if invocation.streams:
         rows = request_rows(invocation.rows, invocation.params, engine.spec, streaming=True)
         if len(rows) != 1:
@@ -70,7 +70,7 @@ async def invocations(request: Request, ctx: Context) -> Response:
             )
         return await sse.stream_answer(request, ctx, engine, engine.parse(rows[0]))
     parsed = [engine.parse(row) for row in request_rows(invocation.rows, invocation.params, engine.spec)]
-    async with ctx.admit():
+    async with ctx.admit(engine):
         results = await until_done(
             request,
             all_or_none([engine.arun(item) for item in parsed]),
@@ -85,7 +85,7 @@ async def invocations(request: Request, ctx: Context) -> Response:
     return Response(json.dumps(payload, ensure_ascii=False), media_type="application/json")
 
 
-def _engine_for(models: ServedModels, rows: list[dict[str, Any]]) -> Engine:
+async def _engine_for(ctx: ServerContext, rows: list[dict[str, Any]]) -> Engine:
     """The model every row names (the only one served when none does)."""
     requested = [row.get("model") for row in rows]
     if any(m is not None and not isinstance(m, str) for m in requested):
@@ -93,7 +93,8 @@ def _engine_for(models: ServedModels, rows: list[dict[str, Any]]) -> Engine:
     names = set(requested) - {None}
     if len(names) > 1:
         raise InvalidRequestError("All rows of one invocation must name the same 'model'.", param="model")
-    return models.get(names.pop()) if names else models.only()
+    timeout_s = ctx.settings.request_timeout_s
+    return await ctx.models.acquire_named(names.pop() if names else None, ctx.deadline(), timeout_s)
 
 
 def split_invocation(raw: dict[str, Any]) -> Invocation:

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from llmadapter.engine.base import Engine, EngineStats
     from llmadapter.engine.scheduler import Sequence
     from llmadapter.engine.timing import SequenceTimes
+    from llmadapter.server.served import ServingState
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -103,7 +104,11 @@ def latencies(times: SequenceTimes, end: float) -> dict[str, float]:
 class _EngineCollector(Collector):
     """Reads each engine's EngineStats at scrape time: the engine owns the numbers, we only expose them."""
 
-    def __init__(self, engines: Callable[[], Mapping[str, Engine]]) -> None:
+    def __init__(
+        self,
+        engines: Callable[[], Mapping[str, Engine]],
+        states: Callable[[], Mapping[str, ServingState]] = dict,
+    ) -> None:
         self._engines = engines
 
     def collect(self) -> Iterable[Metric]:
@@ -126,6 +131,45 @@ class _EngineCollector(Collector):
         yield from (*ours, batches, *vllm)
 
 
+class _ServingCollector(Collector):
+    """Which version each name serves and how swapping to new ones went (read from ServingState)."""
+
+    def __init__(self, states: Callable[[], Mapping[str, ServingState]]) -> None:
+        self._states = states
+
+    def collect(self) -> Iterable[Metric]:
+        info = GaugeMetricFamily(
+            "llmadapter_model_version_info",
+            "1 for the registry version each model name answers with now (and the alias it follows).",
+            labels=["model", "version", "alias"],
+        )
+        swaps = CounterMetricFamily(
+            "llmadapter_model_swaps",
+            "Version swaps by outcome: swapped, failed (load, warm or smoke request), refused (validation "
+            "failed or another task).",
+            labels=["model", "outcome"],
+        )
+        failing = GaugeMetricFamily(
+            "llmadapter_model_swap_failing",
+            "1 while the alias points at a version that could not be swapped in (the old one answers).",
+            labels=["model"],
+        )
+        seconds = GaugeMetricFamily(
+            "llmadapter_model_swap_seconds",
+            "The last swap's duration: load, warm and switch (drain: also the wait for running requests).",
+            labels=["model"],
+        )
+        for name, state in sorted(self._states().items()):
+            info.add_metric([name, state.version, state.alias or ""], 1)
+            swaps.add_metric([name, "swapped"], state.swaps)
+            swaps.add_metric([name, "failed"], state.swap_failures)
+            swaps.add_metric([name, "refused"], state.swap_refusals)
+            failing.add_metric([name], 1 if state.swap_failure else 0)
+            if state.swap_seconds is not None:
+                seconds.add_metric([name], state.swap_seconds)
+        yield from (info, swaps, failing, seconds)
+
+
 def _add(
     families: list[GaugeMetricFamily | CounterMetricFamily],
     series: tuple[tuple[_Family, str, str, str], ...],
@@ -146,7 +190,11 @@ class _ModelSeries(NamedTuple):
 class ServerMetrics:
     """The app's instruments; middleware and the observer record, GET /metrics renders."""
 
-    def __init__(self, engines: Callable[[], Mapping[str, Engine]]) -> None:
+    def __init__(
+        self,
+        engines: Callable[[], Mapping[str, Engine]],
+        states: Callable[[], Mapping[str, ServingState]] = dict,
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "llmadapter_requests",
@@ -191,6 +239,7 @@ class ServerMetrics:
         )
         self._series: dict[tuple[str, str], _ModelSeries] = {}
         self.registry.register(_EngineCollector(engines))
+        self.registry.register(_ServingCollector(states))
 
     def _model_series(self, model: str, version: str) -> _ModelSeries:
         series = self._series.get((model, version))

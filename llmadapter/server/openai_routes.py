@@ -13,10 +13,11 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 
 from llmadapter.catalog import CATALOG, TaskSpec
+from llmadapter.engine.base import Engine
 from llmadapter.protocol import ModelCard, ModelList
 from llmadapter.server import sse
 from llmadapter.server.body import read_object
-from llmadapter.server.context import Context, ServerContext
+from llmadapter.server.context import Context, ServerContext, served_by
 from llmadapter.server.lifetime import until_done
 
 JSON = "application/json"
@@ -30,12 +31,14 @@ def _json_response(model: BaseModel) -> Response:
 
 async def _answer(request: Request, ctx: ServerContext, spec: TaskSpec) -> Response:
     raw = await read_object(request, ctx.settings.max_body_bytes)
-    engine = ctx.models.for_task(raw.get("model"), spec.inference_task)
-    request.state.model = engine.model_name  # the metrics label
+    timeout_s = ctx.settings.request_timeout_s
+    engine = await ctx.models.acquire(raw.get("model"), spec.inference_task, ctx.deadline(), timeout_s)
+    served_by(request, engine)
+    # No await from picking the engine to leasing it (ctx.admit): a swap cannot close it in between.
     parsed = engine.parse(raw, strict=True)  # JSON types as OpenAI checks them
     if getattr(parsed, "stream", None):
         return await sse.stream_answer(request, ctx, engine, parsed)
-    async with ctx.admit():
+    async with ctx.admit(engine):
         result = await until_done(
             request, engine.arun(parsed), ctx.deadline(), ctx.settings.request_timeout_s
         )
@@ -54,13 +57,26 @@ for _spec in CATALOG.values():
     router.add_api_route(_spec.route, _task_endpoint(_spec), methods=["POST"], include_in_schema=False)
 
 
+def _card(ctx: ServerContext, engine: Engine) -> ModelCard:
+    state = ctx.models.state(engine.model_name)
+    return ModelCard(
+        id=engine.model_name,
+        task=engine.inference_task,
+        version=engine.model_version or None,
+        alias=state.alias,
+        swap_failure=state.swap_failure,
+        switched_at=int(state.switched_at) if state.switched_at else None,
+    )
+
+
 @router.get("/v1/models", include_in_schema=False)
 async def list_models(ctx: Context) -> Response:
-    cards = [ModelCard(id=n, task=e.inference_task) for n, e in sorted(ctx.models.engines.items())]
+    cards = [_card(ctx, engine) for _, engine in sorted(ctx.models.engines.items())]
     return _json_response(ModelList(data=cards))
 
 
 @router.get("/v1/models/{model_id:path}", include_in_schema=False)
-async def get_model(model_id: str, ctx: Context) -> Response:
+async def get_model(model_id: str, request: Request, ctx: Context) -> Response:
     engine = ctx.models.get(model_id)
-    return _json_response(ModelCard(id=engine.model_name, task=engine.inference_task))
+    served_by(request, engine)
+    return _json_response(_card(ctx, engine))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -111,7 +112,35 @@ class ServerSettings(BaseSettings):
         "llmadapter_traces_dropped_total), never waited for.",
     )
 
-    @field_validator("api_key_env")
+    alias_poll_s: float = Field(
+        default=30.0,
+        ge=0,
+        le=24 * 3600,
+        description="How often a server of models:/NAME@ALIAS re-resolves the alias and swaps to the "
+        "version it points at (a webhook also triggers it at once); 0 turns following off. A URI naming "
+        "a version (models:/NAME/3) never changes.",
+    )
+    swap_strategy: Literal["overlap", "drain"] = Field(
+        default="overlap",
+        description="overlap: load the new version beside the serving one, then switch (two copies in "
+        "memory for a while); drain: stop admitting, let running requests finish, free the old "
+        "version, load the new one, resume (requests wait meanwhile, they are not refused).",
+    )
+    swap_retry_s: float = Field(
+        default=300.0,
+        ge=1,
+        le=7 * 24 * 3600,
+        description="After a version failed to load, warm or answer, how long before it is tried again "
+        "(at once when the alias moves to another version).",
+    )
+    webhook_secret_env: str = Field(
+        default="LLMADAPTER_WEBHOOK_SECRET",
+        description="Name of the environment variable holding the MLflow webhook secret; POST "
+        "/webhooks/mlflow verifies each delivery's HMAC signature with it. Unset or empty: the route "
+        "answers 404.",
+    )
+
+    @field_validator("api_key_env", "webhook_secret_env")
     @classmethod
     def _env_name(cls, value: str) -> str:
         if not _ENV_NAME.match(value):
@@ -121,3 +150,7 @@ class ServerSettings(BaseSettings):
     def api_key(self) -> str | None:
         """The bearer key from the environment, or None when the server runs without one."""
         return os.environ.get(self.api_key_env) or None
+
+    def webhook_secret(self) -> str | None:
+        """The MLflow webhook secret from the environment, or None (webhooks off)."""
+        return os.environ.get(self.webhook_secret_env) or None

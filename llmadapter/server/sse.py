@@ -80,9 +80,10 @@ async def event_stream(
 
 
 async def stream_answer(request: Request, ctx: ServerContext, engine: Engine, parsed: BaseModel) -> Response:
-    """The SSE answer to one streamed request, holding one admission slot until its last byte."""
+    """The SSE answer to one streamed request, holding one admission slot (and its lease on `engine`)
+    until its last byte."""
     slot = AsyncExitStack()
-    await slot.enter_async_context(ctx.admit())
+    await slot.enter_async_context(ctx.admit(engine))
     deadline = ctx.deadline()
     timeout_s = ctx.settings.request_timeout_s
     try:

@@ -19,7 +19,7 @@ from llmadapter.protocol import (
     parse_request,
 )
 from llmadapter.server.body import read_object
-from llmadapter.server.context import Context, ServerContext
+from llmadapter.server.context import Context, ServerContext, served_by
 
 JSON = "application/json"
 
@@ -41,7 +41,7 @@ async def _engine_for(request: Request, ctx: ServerContext) -> tuple[Engine, dic
     raw = await read_object(request, ctx.settings.max_body_bytes)
     name = raw.get("model")
     engine = ctx.models.get(name) if name is not None else ctx.models.only()
-    request.state.model = engine.model_name  # the metrics label
+    served_by(request, engine)  # sync from here on: a swap cannot close the engine while it answers
     return engine, raw
 
 
