@@ -46,7 +46,8 @@ class Versions:
 
 def _log(folder: Path, task: str = CHAT, **config: Any) -> str:
     with mlflow.start_run():
-        return llmadapter.log_model(str(folder), name="model", task=task, model_config=config or None).model_uri
+        info = llmadapter.log_model(str(folder), name="model", task=task, model_config=config or None)
+    return info.model_uri
 
 
 def _register(uri: str, revision: str, task: str = CHAT) -> str:
@@ -194,7 +195,7 @@ def test_alias_moves_swap_versions_under_load_with_zero_failed_requests(
                 moved = time.monotonic()
                 _move(target)
                 wait_until(lambda t=target: server.serving() == t, message=f"version {target} to serve")
-                wait_until(lambda t=target: load.answered_by(t, moved) >= 8, message=f"answers of {target}")
+                wait_until(lambda t=target, m=moved: load.answered_by(t, m) >= 8, message="new answers")
                 switches.append(load.first_answer_by(target, moved) - moved)
         assert load.failures == []
         expected = _expected(versions)
@@ -202,7 +203,7 @@ def test_alias_moves_swap_versions_under_load_with_zero_failed_requests(
         mismatched = [(v, text) for _, v, text in load.answers if expected.get(v) != text]
         assert mismatched == []
         assert {v for _, v, _ in load.answers} == {versions.v1, versions.v2}
-        print(f"{strategy}: {len(load.answers)} answers, switch times (alias move -> first answer) {switches}")
+        print(f"{strategy}: {len(load.answers)} answers; alias move -> first new answer: {switches}")
         state = server.ready()
         assert state["version"] == versions.v1 and state["alias"] == "champion" and state["swaps"] == 2
         assert "swap_failure" not in state
