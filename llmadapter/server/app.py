@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hmac
 import json
 import logging
@@ -186,6 +185,10 @@ class _AnswerMiddleware:
                 self.metrics.ttft.labels(route, model).observe(first_event - start)
 
 
+# What /ready tells of each model beyond its name (swap counts are on /metrics).
+_READY_FIELDS = ("version", "alias", "following", "swapping_to", "swap_failure", "alias_problem", "switched_at")
+
+
 def _probes(models: ServedModels, metrics: ServerMetrics) -> APIRouter:
     """/health (liveness), /ready (every model loaded) and /metrics: open, for probes and scrapes."""
     probes = APIRouter()
@@ -201,7 +204,7 @@ def _probes(models: ServedModels, metrics: ServerMetrics) -> APIRouter:
             raise ModelLoadingError(f"Models still loading: {', '.join(loading)}.")
         # Ready while every name has an engine; a failed swap is reported, the old version still answers.
         detail = {
-            name: {k: v for k, v in dataclasses.asdict(state).items() if v not in (None, "")}
+            name: {k: getattr(state, k) for k in _READY_FIELDS if getattr(state, k) not in (None, "")}
             for name, state in sorted(models.states.items())
             if name in models.engines
         }

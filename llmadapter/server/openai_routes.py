@@ -78,5 +78,5 @@ async def list_models(ctx: Context) -> Response:
 @router.get("/v1/models/{model_id:path}", include_in_schema=False)
 async def get_model(model_id: str, request: Request, ctx: Context) -> Response:
     engine = ctx.models.get(model_id)
-    served_by(request, engine)
+    request.state.model_version = engine.model_version  # the header; the metrics label stays "other"
     return _json_response(_card(ctx, engine))

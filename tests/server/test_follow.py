@@ -6,8 +6,11 @@ answer shows which version produced it; its X-LLMAdapter-Model-Version header mu
 
 from __future__ import annotations
 
+import json
+import logging
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,6 +22,7 @@ import mlflow
 import openai
 import pytest
 from mlflow.tracking import MlflowClient
+from mlflow.webhooks.delivery import _generate_hmac_signature
 
 import llmadapter
 from llmadapter import registry
@@ -33,6 +37,8 @@ CHAT = "llm/v1/chat"
 NAME = "follow-chat"
 V2_ANSWER = TRAINED_ANSWER.split("fox")[0]  # v2 stops at "fox"
 HEADER = "x-llmadapter-model-version"
+SECRET_ENV = "LLMADAPTER_TEST_WEBHOOK_SECRET"
+SECRET = "s3cr3t-" + uuid.uuid4().hex
 
 
 @dataclass
@@ -129,6 +135,10 @@ def following(versions: Versions, **overrides: Any) -> Iterator[Follower]:
             host.close()
 
 
+def _wait_serving(server: Follower, version: str) -> None:
+    wait_until(lambda: server.serving() == version, message=f"version {version} to serve")
+
+
 def _ask(client: openai.OpenAI) -> tuple[str, str]:
     """(version header, answer) of one greedy chat request."""
     raw = client.chat.completions.with_raw_response.create(
@@ -205,7 +215,7 @@ def test_alias_moves_swap_versions_under_load_with_zero_failed_requests(
         assert {v for _, v, _ in load.answers} == {versions.v1, versions.v2}
         print(f"{strategy}: {len(load.answers)} answers; alias move -> first new answer: {switches}")
         state = server.ready()
-        assert state["version"] == versions.v1 and state["alias"] == "champion" and state["swaps"] == 2
+        assert state["version"] == versions.v1 and state["alias"] == "champion" and state["following"]
         assert "swap_failure" not in state
         assert server.server.metric("llmadapter_model_swaps_total", model=NAME, outcome="swapped") == 2
         assert server.server.metric("llmadapter_model_version_info", model=NAME, version=versions.v1) == 1
@@ -306,3 +316,86 @@ def test_a_fixed_version_uri_and_following_off_never_change(versions: Versions, 
             assert _ask(running.client()) == (versions.v1, TRAINED_ANSWER)
             host.close()
         _move(versions.v1)
+
+
+# -- webhooks: deliveries signed with MLflow's own signing function ----------------------------------
+
+
+def _delivery(
+    body: dict[str, Any],
+    *,
+    secret: str | None = SECRET,
+    stamp: int | None = None,
+    delivery: str | None = None,
+) -> tuple[bytes, dict[str, str]]:
+    """A delivery as MLflow sends it: the JSON body and its headers, signed with `secret`."""
+    payload = json.dumps(body)
+    delivery_id = delivery or str(uuid.uuid4())
+    timestamp = str(int(time.time()) if stamp is None else stamp)
+    headers = {
+        "Content-Type": "application/json",
+        "X-MLflow-Delivery-Id": delivery_id,
+        "X-MLflow-Timestamp": timestamp,
+    }
+    if secret is not None:
+        headers["X-MLflow-Signature"] = _generate_hmac_signature(secret, delivery_id, timestamp, payload)
+    return payload.encode(), headers
+
+
+def _alias_moved(version: str, name: str = NAME) -> dict[str, Any]:
+    return {
+        "entity": "model_version_alias",
+        "action": "created",
+        "timestamp": "2026-12-03T00:00:00+00:00",
+        "data": {"name": name, "alias": "champion", "version": version},
+    }
+
+
+def test_signed_deliveries_swap_at_once_and_bad_ones_change_nothing(
+    versions: Versions, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv(SECRET_ENV, SECRET)
+    caplog.set_level(logging.DEBUG)
+    # Polling every hour: only a delivery can make this server see the alias move.
+    with following(versions, alias_poll_s=3600, webhook_secret_env=SECRET_ENV) as server:
+        hook = f"{server.server.url}/webhooks/mlflow"
+        _move(versions.v2)
+        bad = {
+            "unsigned": (_delivery(_alias_moved(versions.v2), secret=None), 401, "missing_signature"),
+            "wrong secret": (_delivery(_alias_moved(versions.v2), secret="guess"), 401, "invalid_signature"),
+            "stale": (
+                _delivery(_alias_moved(versions.v2), stamp=int(time.time()) - 3600),
+                400,
+                "stale_timestamp",
+            ),
+        }
+        for what, ((body, headers), status, code) in bad.items():
+            answer = httpx.post(hook, content=body, headers=headers)
+            assert (answer.status_code, answer.json()["error"]["code"]) == (status, code), what
+        tampered_body, headers = _delivery(_alias_moved(versions.v2))
+        answer = httpx.post(hook, content=tampered_body.replace(b"champion", b"champio2"), headers=headers)
+        assert answer.status_code == 401
+        time.sleep(0.5)
+        assert server.serving() == versions.v1  # nothing re-resolved
+
+        body, headers = _delivery(_alias_moved(versions.v2))
+        answer = httpx.post(hook, content=body, headers=headers)
+        assert answer.status_code == 200 and answer.json()["status"] == "accepted"
+        assert answer.json()["models"] == [NAME]
+        _wait_serving(server, versions.v2)
+        # MLflow retries a delivery it thinks failed: the same id again is acknowledged, not acted on.
+        again = httpx.post(hook, content=body, headers=headers)
+        assert again.status_code == 200 and again.json()["status"] == "duplicate"
+        other = httpx.post(
+            hook, content=(d := _delivery(_alias_moved("1", name="someone-else")))[0], headers=d[1]
+        )
+        assert other.json()["status"] == "ignored"
+    assert SECRET not in caplog.text
+
+
+def test_webhooks_are_off_without_a_secret(versions: Versions) -> None:
+    with following(versions, webhook_secret_env="LLMADAPTER_TEST_NO_SUCH_SECRET") as server:
+        body, headers = _delivery(_alias_moved(versions.v2))
+        answer = httpx.post(f"{server.server.url}/webhooks/mlflow", content=body, headers=headers)
+        assert answer.status_code == 404
+        assert "LLMADAPTER_TEST_NO_SUCH_SECRET" in answer.json()["error"]["message"]

@@ -229,7 +229,11 @@ def test_models_loading_make_ready_503_until_added() -> None:
     assert early.status_code == 503
     assert early.headers["retry-after"] == "1"
     app.state.models.add(FakeEngine(name="later"))
-    assert client.get("/ready").json() == {"status": "ready", "models": ["later"]}
+    assert client.get("/ready").json() == {
+        "status": "ready",
+        "models": ["later"],
+        "serving": {"later": {"following": False}},
+    }
 
 
 def test_model_lookup_rules() -> None:
