@@ -186,7 +186,15 @@ class _AnswerMiddleware:
 
 
 # What /ready tells of each model beyond its name (swap counts are on /metrics).
-_READY_FIELDS = ("version", "alias", "following", "swapping_to", "swap_failure", "alias_problem", "switched_at")
+_READY_FIELDS = (
+    "version",
+    "alias",
+    "following",
+    "swapping_to",
+    "swap_failure",
+    "alias_problem",
+    "switched_at",
+)
 
 
 def _probes(models: ServedModels, metrics: ServerMetrics) -> APIRouter:
