@@ -67,3 +67,4 @@ class ApprovalDecision(BaseModel):
     previous: int | None = None
     approver: str | None = None
     comment: str | None = None
+    serving: list[str] = Field(default_factory=list, description="Each serving URL's confirmation.")

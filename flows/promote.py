@@ -17,6 +17,7 @@ from llmadapter.registry import CHALLENGER, CHAMPION, RegisteredVersion, raise_u
 from llmadapter.settings import configure_mlflow
 from llmadapter.validation import SampleAnswer, ValidationSample
 from tasks.register import get_alias, get_version, promote_version
+from tasks.serve import confirm_serving
 from tasks.validate import answer_samples, artifact_key
 
 # "approve": true needs a name. In the JSON schema too, because the Prefect server validates a resume
@@ -118,6 +119,9 @@ def promote(
     timeout_s: int = 3600,
     poll_interval_s: int = 10,
     eval_samples: list[ValidationSample] | None = None,
+    serving_urls: list[str] | None = None,
+    serving_timeout_s: int = 300,
+    serving_api_key_env: str = "LLMADAPTER_API_KEY",
 ) -> ApprovalDecision:
     """Move `alias` (champion) to a version after a person approves it in the Prefect UI.
 
@@ -131,6 +135,12 @@ def promote(
         timeout_s: How long to wait for the decision; on timeout nothing changes and the run fails.
         poll_interval_s: How often the paused run checks for the decision.
         eval_samples: Requests answered by both versions and shown side by side before the decision.
+        serving_urls: llmadapter servers following the alias (http://host:8080): after the move, wait
+            until each answers with the new version; the run fails naming any that did not (the alias
+            stays moved). Recorded on the version's tags and in a table artifact.
+        serving_timeout_s: How long to wait for the servers to switch.
+        serving_api_key_env: Name of an environment variable (on the worker) holding the servers' bearer
+            key, when they have one.
     """
     logger = get_run_logger()
     configure_mlflow()
@@ -149,6 +159,7 @@ def promote(
     # Refused before anyone is asked; move_alias checks again at the move (the pause may last hours).
     raise_unless_promotable(candidate, alias)
     markdown = _publish_comparison(model_name, alias, candidate, current, eval_samples or [])
+    serving: list[str] = []
     decision = _decision(model_name, markdown, alias, require_approval, timeout_s, poll_interval_s)
     if decision.approve:
         result = promote_version(
@@ -163,6 +174,11 @@ def promote(
             candidate.version,
             " (weights copied into the artifact store first)" if result.persisted_weights else "",
         )
+        if serving_urls:
+            confirmed = confirm_serving(
+                model_name, candidate.version, serving_urls, serving_timeout_s, serving_api_key_env
+            )
+            serving = [c.line(str(candidate.version)) for c in confirmed]
     else:
         logger.info("Rejected by %s: %s. Nothing changed.", decision.approver or "-", decision.comment or "-")
     return ApprovalDecision(
@@ -173,6 +189,7 @@ def promote(
         previous=previous,
         approver=decision.approver or None,
         comment=decision.comment or None,
+        serving=serving,
     )
 
 

@@ -18,6 +18,8 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8080,
     api_key_env: str | None = None,
+    alias_poll_s: float | None = None,
+    webhook_secret_env: str | None = None,
 ) -> int:
     """Serve a registered model until the server stops (cancel the flow run to stop it).
 
@@ -34,6 +36,10 @@ def serve(
         port: TCP port.
         api_key_env: Name of an environment variable (on the worker) holding the bearer API key; the key
             itself never passes through Prefect.
+        alias_poll_s: How often the server re-resolves the alias and swaps to the version it points at
+            (default: the server's, 30 s; 0: never). A promotion reaches the server without a restart.
+        webhook_secret_env: Name of an environment variable (on the worker) holding the MLflow webhook
+            secret, for POST /webhooks/mlflow (an alias move then reaches the server at once).
     """
     configure_mlflow()
     if model_uri is None:
@@ -41,4 +47,8 @@ def serve(
             raise ConfigError("Give model_name (served at @alias) or model_uri.", param="model_name")
         model_uri = f"models:/{model_name}@{alias}"
     extra = ["--api-key-env", api_key_env] if api_key_env else []
+    if alias_poll_s is not None:
+        extra += ["--alias-poll-s", str(alias_poll_s)]
+    if webhook_secret_env:
+        extra += ["--webhook-secret-env", webhook_secret_env]
     return run_server(model_uri, host, port, extra)

@@ -77,6 +77,13 @@ class ConfigError(LLMAdapterError):
     error_type = "invalid_request_error"
 
 
+class ServingNotConfirmedError(LLMAdapterError):
+    """A promoted version that running servers did not switch to within the wait."""
+
+    status_code = 503
+    error_type = "server_error"
+
+
 class ModelSourceError(LLMAdapterError):
     status_code = 400
     error_type = "invalid_request_error"

@@ -10,6 +10,7 @@ has them copied in first, so production never depends on a hub repository that m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Mapping
@@ -58,6 +59,8 @@ TAG_PROMOTED_TO = "promoted_to"
 TAG_PROMOTED_AT = "promoted_at"
 TAG_REPLACED = "replaced_version"
 TAG_ROLLBACK = "rollback_from_version"
+TAG_SERVING_CONFIRMED = "serving_confirmed"  # servers that answered with the version after a promotion
+TAG_SERVING_MISSED = "serving_not_switched"  # servers that did not within the promotion's wait
 
 # MLflow's ModelVersionStatus names, as versions carry them.
 _READY = "READY"
@@ -237,6 +240,17 @@ def set_alias(name: str, alias: str, version: int) -> RegisteredVersion:
     get_version(name, version)
     _client().set_registered_model_alias(name, alias, str(version))
     return get_version(name, version)
+
+
+def tag_version(name: str, version: int, tags: Mapping[str, str]) -> None:
+    """Set tags on a version (an empty value deletes the tag)."""
+    client = _client()
+    for key, value in tags.items():
+        if value:
+            client.set_model_version_tag(name, str(version), key, value)
+        else:
+            with contextlib.suppress(Exception):  # absent already
+                client.delete_model_version_tag(name, str(version), key)
 
 
 def weights_stored(model_uri: str) -> bool:

@@ -1,4 +1,5 @@
-"""Prefect tasks over llmadapter.registry: find, register (under the name's lock), aliases, promotion."""
+"""Prefect tasks over llmadapter.registry: find, register (under the name's lock), aliases, promotion;
+each change is also a Prefect event (tasks.events)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from llmadapter.registry import PromotionResult, RegisteredVersion
 from llmadapter.validation import ValidationReport
 from tasks._lock import registration_lock
 from tasks._retry import transient_task
+from tasks.events import emit_alias_moved, emit_registered
 from tasks.log import LoggedModel
 
 
@@ -28,7 +30,7 @@ def register_model(
     worker) find and register one at a time; a run that finds the version another registered reuses it.
     """
     with registration_lock(model_name):
-        return registry.register_version(
+        version, created = registry.register_version(
             logged.model_uri,
             model_name,
             source=logged.source,
@@ -37,11 +39,18 @@ def register_model(
             config_hash=logged.config_hash,
             report=report,
         )
+    if created:
+        emit_registered(version)
+    return version, created
 
 
 @transient_task(name="set-alias", task_run_name="set @{alias} on {model_name}")
 def set_alias(model_name: str, alias: str, version: int) -> RegisteredVersion:
-    return registry.set_alias(model_name, alias, version)
+    before = registry.get_alias(model_name, alias)
+    moved = registry.set_alias(model_name, alias, version)
+    if before is None or before.version != version:
+        emit_alias_moved(moved, alias, before.version if before else None)
+    return moved
 
 
 @transient_task(name="get-alias")
@@ -59,4 +68,7 @@ def promote_version(
     model_name: str, version: int, alias: str, approver: str | None = None, comment: str | None = None
 ) -> PromotionResult:
     """Move `alias` to `version` through the gates (a rollback when it is older), recording who and why."""
-    return registry.move_alias(model_name, version, alias, approver=approver, comment=comment)
+    result = registry.move_alias(model_name, version, alias, approver=approver, comment=comment)
+    if result.previous != version:
+        emit_alias_moved(result.version, alias, result.previous)
+    return result

@@ -1,7 +1,9 @@
-"""Prefect task that runs llmadapter's OpenAI-compatible server as a child process until it exits."""
+"""Prefect tasks around llmadapter's OpenAI-compatible server: run it as a child process until it exits,
+and confirm that running servers answer with a promoted version."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -10,12 +12,15 @@ from collections.abc import Sequence
 from types import FrameType
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_link_artifact
+from prefect.artifacts import create_link_artifact, create_table_artifact
 
-from llmadapter.errors import LLMAdapterError
+from llmadapter import registry
+from llmadapter.errors import LLMAdapterError, ServingNotConfirmedError
 from llmadapter.processes import die_with_parent, stop, wait_until_ready
+from llmadapter.registry import TAG_SERVING_CONFIRMED, TAG_SERVING_MISSED
 from llmadapter.server.settings import ServerSettings
 from llmadapter.server.shutdown import ANSWER_MARGIN_S, SIGNALS
+from llmadapter.serving_probe import ServingConfirmation, wait_until_serving
 from tasks.validate import artifact_key
 
 _CLOSE_S = 10.0  # after the drain: closing the engines and leaving the interpreter
@@ -100,3 +105,52 @@ def run_server(
         stop(proc, grace_s=stop_within_s)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+@task(name="confirm-serving", task_run_name="confirm {model_name} v{version} is served")
+def confirm_serving(
+    model_name: str, version: int, urls: Sequence[str], timeout_s: float, api_key_env: str
+) -> list[ServingConfirmation]:
+    """Wait until each server answers with `version` (bounded); record the outcome on the version's tags
+    and as a table artifact; raise naming the servers that did not switch (the alias stays moved)."""
+    logger = get_run_logger()
+    results = wait_until_serving(
+        urls, model_name, version, timeout_s=timeout_s, api_key=os.environ.get(api_key_env)
+    )
+    rows = [
+        {
+            "server": r.url,
+            "switched": "yes" if r.confirmed else "no",
+            "seconds": f"{r.seconds:.2f}" if r.seconds is not None else "-",
+            "answering": r.version_seen or "-",
+            "problem": r.problem or "",
+        }
+        for r in results
+    ]
+    missed = [r for r in results if not r.confirmed]
+    note = f"@{model_name} moved to version {version}; " + (
+        "every server answers with it." if not missed else "the alias stays moved; see the servers below."
+    )
+    create_table_artifact(
+        table=rows,
+        key=artifact_key("serving", model_name),
+        description=f"{note} (waited up to {timeout_s:g} s)",
+    )
+    registry.tag_version(
+        model_name,
+        version,
+        {
+            TAG_SERVING_CONFIRMED: ", ".join(f"{r.url} ({r.seconds:.2f} s)" for r in results if r.confirmed),
+            TAG_SERVING_MISSED: ", ".join(r.url for r in missed),
+        },
+    )
+    for r in results:
+        (logger.info if r.confirmed else logger.error)(r.line(str(version)))
+    if missed:
+        raise ServingNotConfirmedError(
+            f"{len(missed)} of {len(results)} servers did not switch to {model_name} version {version}: "
+            + "; ".join(r.line(str(version)) for r in missed)
+            + f". @{model_name} stays moved to version {version}.",
+            param="serving_urls",
+        )
+    return results

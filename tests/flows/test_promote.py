@@ -5,10 +5,12 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+import httpx
 import mlflow
 import pytest
 from prefect.flow_runs import resume_flow_run
@@ -18,8 +20,11 @@ from flows.promote import promote
 from llmadapter import registry
 from llmadapter.config import ModelConfig
 from llmadapter.errors import ValidationFailedError
+from llmadapter.follow import ModelHost
+from llmadapter.server.app import build_app
 from llmadapter.testing import HubCache
 from tasks.validate import ValidationOptions
+from tests.server.conftest import serve, settings
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -208,3 +213,71 @@ def test_hub_reference_gets_its_weights_before_becoming_champion(
         {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
     )
     assert answer["usage"]["completion_tokens"] <= 2
+
+
+@contextmanager
+def _following_server(**host_options: Any) -> Iterator[tuple[str, ModelHost]]:
+    """A real server of models:/NAME@champion that follows the alias (polling every 0.2 s)."""
+    app = build_app({}, settings(), loading=[NAME])
+    host = ModelHost(app.state.models, NAME, f"models:/{NAME}@champion", poll_s=0.2, **host_options)
+    with serve(app) as running:
+        host.load()
+        host.follow()
+        try:
+            yield running.url, host
+        finally:
+            host.close()
+
+
+@pytest.mark.slow
+def test_a_promotion_waits_until_the_servers_answer_with_the_new_version(
+    champion_v1: tuple[int, int],
+) -> None:
+    _, v2 = champion_v1
+    with _following_server() as (url, _):
+        decision = promote(model_name=NAME, require_approval=False, serving_urls=[f"{url}/v1"])
+        assert (decision.outcome, decision.version) == ("approved", v2)
+        (line,) = decision.serving
+        assert line.startswith(f"{url}/v1: version {v2} answers (")
+        answer = httpx.post(
+            f"{url}/v1/chat/completions",
+            json={"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
+        )
+        assert answer.headers["x-llmadapter-model-version"] == str(v2)
+    tags = registry.get_version(NAME, v2).tags
+    assert tags[registry.TAG_SERVING_CONFIRMED].startswith(f"{url}/v1 (")
+    assert registry.TAG_SERVING_MISSED not in tags
+
+
+@pytest.mark.slow
+def test_a_server_that_cannot_load_the_version_fails_the_run_naming_it(champion_v1: tuple[int, int]) -> None:
+    from llmadapter.errors import ServingNotConfirmedError
+
+    v1, v2 = champion_v1
+    with _following_server() as (good, _), _following_server() as (bad, host):
+
+        def out_of_memory(target: Any, name: str) -> Any:
+            raise MemoryError("simulated: no room for a second copy")
+
+        host.swapper._loader = out_of_memory  # this host can load nothing more
+        state = promote(
+            model_name=NAME,
+            require_approval=False,
+            serving_urls=[good, bad],
+            serving_timeout_s=60,
+            return_state=True,
+        )
+        assert state.is_failed()
+        with pytest.raises(ServingNotConfirmedError) as failure:
+            state.result()
+        message = str(failure.value)
+        assert f"{bad}: did not switch to version {v2}" in message and "MemoryError" in message
+        assert good not in message.replace(bad, "")
+        assert "stays moved" in message
+        # The bad server still answers with the version it had.
+        card = httpx.get(f"{bad}/v1/models/{NAME}").json()
+        assert card["version"] == str(v1) and card["swap_failure"].startswith(f"version {v2}:")
+    assert registry.get_alias(NAME, "champion").version == v2  # type: ignore[union-attr]
+    tags = registry.get_version(NAME, v2).tags
+    assert tags[registry.TAG_SERVING_MISSED] == bad
+    assert tags[registry.TAG_SERVING_CONFIRMED].startswith(f"{good} (")
