@@ -100,7 +100,7 @@ def set_torch_threads(threads: int) -> None:
     log.info("torch uses %d threads", threads)
 
 
-def _point_mlflow_at_stores() -> None:
+def point_mlflow_at_stores() -> None:
     """models:/ and runs:/ URIs resolve against the project's stores (LLMADAPTER_* / MLFLOW_* / default),
     and a tracking server that does not answer fails the load within our HTTP limits."""
     import mlflow
@@ -144,7 +144,7 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     logging.config.dictConfig(log_config(settings.log_level))
 
     set_torch_threads(settings.torch_threads)
-    _point_mlflow_at_stores()
+    point_mlflow_at_stores()
     app = build_app({}, settings, loading=names)
     config = uvicorn.Config(
         app,
@@ -152,6 +152,10 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         port=settings.port,
         log_level=settings.log_level,
         log_config=log_config(settings.log_level),
+        # The standard loop and HTTP parser whatever else is installed (ray[serve] brings uvloop and
+        # httptools): the drain, the signal handling and the tests run on what they were built on.
+        loop="asyncio",
+        http="h11",
     )
     # SIGTERM / SIGINT: drain within shutdown_grace_s, then return here (see llmadapter.server.shutdown).
     server = GracefulServer(config, app.state.shutdown)

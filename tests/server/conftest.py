@@ -75,7 +75,9 @@ def serve(app: FastAPI, log_level: str = "warning") -> Iterator[RunningServer]:
     # log_config=None: uvicorn's loggers propagate to the root logger, where caplog can read them;
     # unless an earlier test ran a flow in this process: Prefect's logging config stops `uvicorn`
     # propagating, so it is turned back on while this server runs.
-    config = uvicorn.Config(app, log_level=log_level, log_config=None, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        app, log_level=log_level, log_config=None, timeout_graceful_shutdown=5, loop="asyncio", http="h11"
+    )
     uvicorn_logger = logging.getLogger("uvicorn")
     propagated = uvicorn_logger.propagate
     uvicorn_logger.propagate = True
