@@ -6,6 +6,8 @@ import atexit
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -89,6 +91,27 @@ def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _mlflow_db_tem
     yield uri
     mlflow.end_run()
     mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
+
+
+@contextmanager
+def shared_store(root: Path, template: Path, experiment: str) -> Iterator[str]:
+    """A real MLflow SQLite store in `root` (copied from the migrated template), set as the active URI
+    (this process and its children) for the block: for module- or package-scoped fixtures."""
+    import mlflow
+
+    shutil.copyfile(template, root / "mlflow.db")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("MLFLOW_REGISTRY_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        mlflow.set_experiment(experiment_id=mlflow.create_experiment(experiment, (root / "art").as_uri()))
+        try:
+            yield uri
+        finally:
+            mlflow.end_run()
+            mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
 
 
 # --- real demo models and hub caches (llmadapter.source / llmadapter.demo_models) ----------------------

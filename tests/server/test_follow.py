@@ -30,6 +30,7 @@ from llmadapter.follow import ModelHost
 from llmadapter.server.app import build_app
 from llmadapter.testing import TRAINED_ANSWER, TRAINED_PROMPT
 from llmadapter.validation import CheckResult, ValidationReport
+from tests.conftest import shared_store
 from tests.server.conftest import RunningServer, serve, settings, wait_until
 
 pytestmark = pytest.mark.slow
@@ -67,15 +68,10 @@ def _register(uri: str, revision: str, task: str = CHAT) -> str:
 
 
 @pytest.fixture(scope="module")
-def versions(tmp_path_factory: pytest.TempPathFactory, trained_model: Path) -> Iterator[Versions]:
-    root = tmp_path_factory.mktemp("follow")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setenv("MLFLOW_REGISTRY_URI", uri)
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
-        mlflow.set_experiment(experiment_id=mlflow.create_experiment("follow", (root / "art").as_uri()))
+def versions(
+    tmp_path_factory: pytest.TempPathFactory, trained_model: Path, _mlflow_db_template: Path
+) -> Iterator[Versions]:
+    with shared_store(tmp_path_factory.mktemp("follow"), _mlflow_db_template, "follow"):
         v1 = _register(_log(trained_model), "r1")
         v2 = _register(_log(trained_model, stop=["fox"]), "r2")
         broken_uri = _log(trained_model, stop=["dog"])
@@ -88,7 +84,6 @@ def versions(tmp_path_factory: pytest.TempPathFactory, trained_model: Path) -> I
         MlflowClient().set_model_version_tag(NAME, failed, registry.TAG_VALIDATION, "failed")
         other = _register(_log(trained_model, task="llm/v1/completions"), "r5", task="llm/v1/completions")
         yield Versions(v1, v2, broken, failed, other)
-        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
 
 
 def _move(version: str) -> None:

@@ -20,6 +20,7 @@ from llmadapter.errors import ConfigError
 from llmadapter.processes import free_port
 from llmadapter.ray_serve import DEPLOYMENT_NAME, build_app, parse_args
 from llmadapter.testing import TRAINED_ANSWER, TRAINED_PROMPT
+from tests.conftest import shared_store
 
 ROOT = Path(__file__).resolve().parents[2]
 NAME = "ray-chat"
@@ -65,19 +66,15 @@ def _register(folder: Path, **config: Any) -> str:
 
 
 @pytest.fixture(scope="module")
-def ray_app(tmp_path_factory: pytest.TempPathFactory, trained_model: Path) -> Iterator[tuple[str, str, str]]:
+def ray_app(
+    tmp_path_factory: pytest.TempPathFactory, trained_model: Path, _mlflow_db_template: Path
+) -> Iterator[tuple[str, str, str]]:
     """Two replicas of models:/ray-chat@champion on a local Ray instance; (url, v1, v2)."""
     import ray
     from ray import serve
 
     root = tmp_path_factory.mktemp("ray")
-    store = f"sqlite:///{root / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", store)
-        mp.setenv("MLFLOW_REGISTRY_URI", store)
-        mlflow.set_tracking_uri(store)
-        mlflow.set_registry_uri(store)
-        mlflow.set_experiment(experiment_id=mlflow.create_experiment("ray", (root / "art").as_uri()))
+    with shared_store(root, _mlflow_db_template, "ray") as store:
         v1 = _register(trained_model)
         v2 = _register(trained_model, stop=["fox"])
         MlflowClient().set_registered_model_alias(NAME, "champion", v1)
@@ -100,7 +97,6 @@ def ray_app(tmp_path_factory: pytest.TempPathFactory, trained_model: Path) -> It
         finally:
             serve.shutdown()
             ray.shutdown()
-            mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
 
 
 def _ask(client: openai.OpenAI) -> tuple[str, str]:

@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-import mlflow
 import pytest
+
+from tests.conftest import shared_store
 
 
 @pytest.fixture(scope="package")
 def store(tmp_path_factory: pytest.TempPathFactory, _mlflow_db_template: Path) -> Iterator[Path]:
     root = tmp_path_factory.mktemp("validation")
-    shutil.copyfile(_mlflow_db_template, root / "mlflow.db")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setenv("MLFLOW_REGISTRY_URI", uri)
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
-        mlflow.set_experiment(experiment_id=mlflow.create_experiment("validation", (root / "art").as_uri()))
+    with shared_store(root, _mlflow_db_template, "validation"):
         yield root
-        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
