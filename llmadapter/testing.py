@@ -155,7 +155,7 @@ def build_tiny_model(
     if (path / _MARKER).exists():
         return path
     if path.exists():
-        shutil.rmtree(path)
+        shutil.rmtree(path, ignore_errors=True)
     tokenizer = _train_tokenizer()
     if bos:
         _add_bos(tokenizer)
@@ -175,13 +175,20 @@ def build_tiny_model(
         _train(model, tokenizer, train_steps)
     # Greedy by default in the saved generation config would hide the sampling-default defect: keep
     # transformers' own defaults.
-    tmp = path.with_name(path.name + ".tmp")
+    # Built beside the target under this process's own name, then renamed: processes building the same
+    # model at once (pytest-xdist workers) never see a half-written folder; the first rename wins.
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / _MARKER).write_text(json.dumps({"arch": arch, "trained": trained, "bos": bos}))
-    tmp.rename(path)
+    try:
+        tmp.rename(path)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (path / _MARKER).exists():
+            raise
     return path
 
 
