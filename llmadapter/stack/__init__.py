@@ -48,7 +48,13 @@ __all__ = [
 POOL = "llmadapter"
 ARTIFACT_PREFIX = "mlartifacts"
 # Variables that would hand a client the object store's credentials behind the stack's back.
-_STORE_CREDENTIALS = ("AWS_", "MLFLOW_S3_")
+_STORE_CREDENTIALS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "MLFLOW_S3_ENDPOINT_URL",
+)
 
 
 @dataclass
@@ -101,7 +107,7 @@ class LocalStack:
         The object store's credentials are dropped unless clients need them (direct mode): in proxied
         mode only the tracking server holds them.
         """
-        env = without(os.environ, *_STORE_CREDENTIALS)
+        env = without(os.environ, _STORE_CREDENTIALS)
         env.pop("MLFLOW_EXPERIMENT_ID", None)
         env |= {
             "PREFECT_HOME": str(self.root / "prefect-home"),
@@ -153,7 +159,7 @@ class LocalStack:
         return service, uri
 
     def _mlflow(self, name: str, backend_store_uri: str, mode: ArtifactMode) -> tuple[Service, str]:
-        env = without(os.environ, *_STORE_CREDENTIALS)
+        env = without(os.environ, _STORE_CREDENTIALS)
         if mode == "local":
             artifacts = str(self.root / ARTIFACT_PREFIX)
         else:

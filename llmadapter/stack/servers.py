@@ -6,7 +6,7 @@ Run as programs, never imported: llmadapter does not import Prefect.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -100,9 +100,9 @@ def prefect_worker(
     )
 
 
-def without(env: Mapping[str, str], *prefixes: str) -> dict[str, str]:
-    """`env` without the variables starting with any of `prefixes`."""
-    return {k: v for k, v in env.items() if not k.startswith(prefixes)}
+def without(env: Mapping[str, str], names: Collection[str]) -> dict[str, str]:
+    """`env` without the variables `names`."""
+    return {k: v for k, v in env.items() if k not in names}
 
 
 def pythonpath(first: Path) -> str:
