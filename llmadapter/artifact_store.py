@@ -25,8 +25,12 @@ REFUSED = "artifact_store_refused"
 _REFUSED_S3_CODES = frozenset(
     {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "ExpiredToken", "403"}
 )
-# How MLflow's REST client words a tracking server's 5xx: after its retries, or on one response.
-_SERVER_ERROR = re.compile(r"too many 5\d\d error responses|error code 5\d\d")
+# How MLflow's REST client words a tracking server's 5xx (after its retries, or on one response), or a
+# server that answered an upload's first bytes with an error and dropped the connection. A refused
+# connection is the tracking server itself gone, not its store: that error is left as it is.
+_SERVER_ERROR = re.compile(
+    r"too many 5\d\d error responses|error code 5\d\d|Connection aborted|Connection reset|RemoteDisconnected"
+)
 _PROXY_URL = re.compile(r"(https?://[^\s/]+(?:/[^\s]*?)?)/api/2\.0/mlflow-artifacts/artifacts/(\S+?)(?:\s|$)")
 
 
@@ -36,12 +40,17 @@ def _s3_endpoint() -> str:
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and everything it wraps, causes before contexts: a failure while MLflow cleans up after the
+    store's error (marking the model FAILED) hides that error in a context below its own cause."""
     seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
+    pending: list[BaseException] = [exc]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
         seen.add(id(current))
         yield current
-        current = current.__cause__ or current.__context__
+        pending.extend(e for e in (current.__context__, current.__cause__) if e is not None)
 
 
 def _describe_one(exc: BaseException) -> tuple[str, str] | None:
@@ -82,9 +91,9 @@ def _describe_one(exc: BaseException) -> tuple[str, str] | None:
         server, path = proxied.groups()
         return UNAVAILABLE, (
             f"the tracking server {server} could not move {path} to or from its artifact store (it "
-            "answered with server errors). It proxies artifacts (--artifacts-destination): the object "
-            "store behind it is down or refuses the server's credentials, and the tracking server's "
-            "log names that store's error"
+            "answered with server errors or dropped the transfer). It proxies artifacts "
+            "(--artifacts-destination): the object store behind it is down or refuses the server's "
+            "credentials, and the tracking server's log names that store's error"
         )
     return None
 
