@@ -1,15 +1,17 @@
 """Log, register and load on the platform path vs the embedded default, measured in the same run.
 
-    python bench/platform.py [--model tiny|smollm2|both] [--rounds 3] [--data-dir DIR]
+    python bench/platform_path.py [--model tiny|smollm2|both] [--rounds 3] [--data-dir DIR]
 
 Three stores, used in turn within each round (so that load on the machine hits them alike):
 - embedded: the default, a SQLite tracking store with local artifacts, no server;
 - proxied: `mlflow server` on PostgreSQL, artifacts through the server into SeaweedFS's S3 bucket (the
   client holds no S3 credentials);
 - direct: `mlflow server` on PostgreSQL, the client writes and reads the bucket itself.
-Per store and phase (log the model in a new run; register it and set @champion; load models:/NAME@champion
-into an engine, which downloads it), the median over the rounds, and the ratio to the embedded default.
-Target: the whole pipeline on PostgreSQL/S3 within 1.3x of SQLite/local.
+Per store and phase (log the model in a new run; validate it in a fresh process, which downloads it;
+register it and set @champion; load models:/NAME@champion into an engine, as `llmadapter serve` does),
+the median over the rounds and the ratio to the embedded default. These are log-and-validate's own
+calls without Prefect (whose overhead does not depend on the stores). Target: the whole pipeline on
+PostgreSQL/S3 within 1.3x of SQLite/local.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PHASES = ("log", "register", "load")
+PHASES = ("log", "validate", "register", "load")
 
 
 def _model_folder(kind: str, data_dir: Path) -> Path:
@@ -53,11 +55,12 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
 
 
 def _one_pipeline(uri: str, folder: Path, name: str, artifact_root: str | None) -> dict[str, float]:
-    """log -> register + @champion -> load, against tracking store `uri`; seconds per phase."""
+    """log -> validate -> register + @champion -> load, against tracking store `uri`; seconds per phase."""
     import mlflow
     from mlflow import MlflowClient
 
     import llmadapter
+    from llmadapter.validation import validate_model
 
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -71,6 +74,11 @@ def _one_pipeline(uri: str, folder: Path, name: str, artifact_root: str | None) 
     with mlflow.start_run():
         info = llmadapter.log_model(str(folder), name="model", task="llm/v1/chat")
     times["log"] = time.perf_counter() - start
+    start = time.perf_counter()
+    report = validate_model(info.model_uri)  # a fresh process, which downloads the model
+    if not report.passed:
+        raise SystemExit(f"validation failed: {report.summary()}")
+    times["validate"] = time.perf_counter() - start
     start = time.perf_counter()
     version = mlflow.register_model(info.model_uri, name)
     client.set_registered_model_alias(name, "champion", version.version)
