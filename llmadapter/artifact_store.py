@@ -12,6 +12,7 @@ import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from urllib.parse import unquote
 
 from llmadapter.errors import ArtifactStoreError
 
@@ -31,7 +32,12 @@ _REFUSED_S3_CODES = frozenset(
 _SERVER_ERROR = re.compile(
     r"too many 5\d\d error responses|error code 5\d\d|Connection aborted|Connection reset|RemoteDisconnected"
 )
-_PROXY_URL = re.compile(r"(https?://[^\s/]+(?:/[^\s]*?)?)/api/2\.0/mlflow-artifacts/artifacts/(\S+?)(?:\s|$)")
+# A proxied artifact URL in MLflow's message: the server, then the file (PUT/GET .../artifacts/<path>)
+# or the folder listed (GET .../artifacts?path=<quoted path>, which may appear without the host).
+_PROXY_URL = re.compile(
+    r"(https?://[^\s/]+(?:/\S*?)?)/api/2\.0/mlflow-artifacts/artifacts(?:/(?P<path>[^\s?]+))?"
+)
+_LISTED_PATH = re.compile(r"/api/2\.0/mlflow-artifacts/artifacts\?path=([^\s&)]+)")
 
 
 def _s3_endpoint() -> str:
@@ -88,7 +94,10 @@ def _describe_one(exc: BaseException) -> tuple[str, str] | None:
     message = str(exc)
     proxied = _PROXY_URL.search(message)
     if proxied and _SERVER_ERROR.search(message):
-        server, path = proxied.groups()
+        server, path = proxied.group(1), proxied.group("path")
+        if path is None:
+            listed = _LISTED_PATH.search(message)
+            path = unquote(listed.group(1)) if listed else "an artifact"
         return UNAVAILABLE, (
             f"the tracking server {server} could not move {path} to or from its artifact store (it "
             "answered with server errors or dropped the transfer). It proxies artifacts "

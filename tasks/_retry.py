@@ -68,6 +68,10 @@ def _verdict(exc: BaseException) -> bool | None:
 
         if isinstance(exc, requests.ConnectionError | requests.Timeout):
             return True
+        if isinstance(exc, requests.exceptions.RetryError):
+            # MLflow's client retries only 429 and 5xx, so the server kept answering those: a tracking
+            # server whose PostgreSQL restarts answers 503 until it is back.
+            return True
         if isinstance(exc, requests.HTTPError) and exc.response is not None:
             return exc.response.status_code == 429 or exc.response.status_code >= 500
     except ImportError:  # pragma: no cover

@@ -51,6 +51,16 @@ def _wrapped(inner: BaseException) -> BaseException:
             UNAVAILABLE,
             "--artifacts-destination",
         ),
+        (
+            MlflowException(
+                "API request to http://127.0.0.1:5000/api/2.0/mlflow-artifacts/artifacts failed with "
+                "exception ...: Max retries exceeded with url: "
+                "/api/2.0/mlflow-artifacts/artifacts?path=1%2Fmodels%2Fm-1 "
+                "(Caused by ResponseError('too many 500 error responses'))"
+            ),
+            UNAVAILABLE,
+            "the tracking server http://127.0.0.1:5000 could not move 1/models/m-1 to or from",
+        ),
         (_wrapped(_client_error("AccessDenied")), REFUSED, "refused this process's credentials"),
     ],
     ids=[
@@ -62,6 +72,7 @@ def _wrapped(inner: BaseException) -> BaseException:
         "s3-down",
         "proxy-500",
         "proxy-dropped",
+        "proxy-listing-500",
         "wrapped-in-context",
     ],
 )
