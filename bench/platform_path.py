@@ -129,6 +129,8 @@ def bench(kind: str, rounds: int, data_dir: Path) -> dict[str, dict[str, float]]
                     )
         finally:
             stack.down()
+            if stack.database is not None:
+                stack.database.remove()  # it may live outside the temp dir (see llmadapter.stack.database)
     return {t: {p: statistics.median(s[p] for s in runs) for p in PHASES} for t, runs in samples.items()}
 
 

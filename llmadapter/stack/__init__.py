@@ -281,10 +281,14 @@ def stop_detached(state: Mapping[str, Any]) -> list[str]:
 
 @contextmanager
 def running_stack(root: Path, **options: Any) -> Iterator[LocalStack]:
-    """A LocalStack that is up inside the block and stopped after it, whatever happens."""
+    """A LocalStack that is up inside the block and stopped after it, whatever happens (a throwaway: a
+    cluster it had to keep outside `root` is removed; `root` is the caller's)."""
     stack = LocalStack(root=root, **options)
     try:
         stack.up()
         yield stack
     finally:
         stack.down()
+        database = stack.database
+        if database is not None and not database.cluster_dir.is_relative_to(stack.root):
+            database.remove()  # the cluster was kept in a temp dir (a root `nobody` cannot enter)
