@@ -38,6 +38,7 @@ bench: setup
 	$(BIN)/python bench/flow.py
 	$(BIN)/python bench/observability.py --rounds 3
 	$(BIN)/python bench/swap.py
+	$(BIN)/python bench/platform_path.py --model tiny
 
 clean:
 	rm -rf .llmadapter .pytest_cache .mypy_cache .ruff_cache

@@ -3,6 +3,7 @@
 from llmadapter.catalog import CHAT, COMPLETIONS, EMBEDDINGS
 from llmadapter.config import EmbeddingsConfig, ModelConfig
 from llmadapter.errors import (
+    ArtifactStoreError,
     AuthenticationError,
     ConfigError,
     ContextLengthError,
@@ -19,6 +20,7 @@ __all__ = [
     "CHAT",
     "COMPLETIONS",
     "EMBEDDINGS",
+    "ArtifactStoreError",
     "AuthenticationError",
     "ConfigError",
     "ContextLengthError",

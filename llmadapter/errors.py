@@ -11,7 +11,9 @@ LLMAdapterError                    500  server_error
 ├── GenerationError                500  server_error            (the model failed; HTTP shows a log ref)
 ├── ConfigError                    400  invalid_request_error   (bad model_config / log arguments)
 ├── ModelSourceError               400  invalid_request_error   (a source that cannot be resolved)
-└── ValidationFailedError          422  validation_error        (a logged model failed validation)
+├── ValidationFailedError          422  validation_error        (a logged model failed validation)
+└── ArtifactStoreError             503  server_error            (the artifact store is down or refuses us;
+                                                                 names the store; code says which)
 """
 
 from __future__ import annotations
@@ -92,6 +94,12 @@ class ModelSourceError(LLMAdapterError):
 class ValidationFailedError(LLMAdapterError):
     status_code = 422
     error_type = "validation_error"
+
+
+class ArtifactStoreError(LLMAdapterError):
+    """An artifact store (S3, a tracking server's artifact proxy) failed: llmadapter.artifact_store."""
+
+    status_code = 503
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
+from llmadapter.artifact_store import store_errors_named
 from llmadapter.catalog import TaskSpec, build_signature, get_task, resolve_task, spec_of
 from llmadapter.config import (
     EmbeddingsConfig,
@@ -373,16 +374,21 @@ def log_model(
     config = options.pop("model_config", None)
     # Responses name the model as clients know it: the registered name when there is one.
     options["served_model_name"] = options.get("served_model_name") or registered_model_name
-    return Model.log(
-        artifact_path=None,
-        name=name or "model",
-        flavor=_SavingFlavor(config),
-        registered_model_name=registered_model_name,
-        await_registration_for=await_registration_for,
-        transformers_model=transformers_model,
-        model_config=config.model_dump(exclude_unset=True) if isinstance(config, StoredConfig) else config,
-        **options,
-    )
+    # A store that fails mid-upload leaves a partial artifact on a FAILED run; registration comes after
+    # the upload (here or in the flows), so nothing is registered.
+    with store_errors_named("Logging the model failed, nothing was registered"):
+        return Model.log(
+            artifact_path=None,
+            name=name or "model",
+            flavor=_SavingFlavor(config),
+            registered_model_name=registered_model_name,
+            await_registration_for=await_registration_for,
+            transformers_model=transformers_model,
+            model_config=config.model_dump(exclude_unset=True)
+            if isinstance(config, StoredConfig)
+            else config,
+            **options,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -470,7 +476,11 @@ def load_engine(
     """Download (if remote) and load an llmadapter model by URI (models:/, runs:/, a path)."""
     from mlflow.artifacts import download_artifacts
 
-    local = model_uri if os.path.isdir(model_uri) else download_artifacts(artifact_uri=model_uri)
+    if os.path.isdir(model_uri):
+        local = model_uri
+    else:
+        with store_errors_named(f"Downloading {model_uri} failed"):
+            local = download_artifacts(artifact_uri=model_uri)
     return build_engine(local, model_config=model_config, model_name=model_name or registered_name(model_uri))
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from llmadapter.errors import LLMAdapterError
 
-__all__ = ["answers", "die_with_parent", "free_port", "running", "stop", "wait_until_ready"]
+__all__ = ["answers", "die_with_parent", "free_port", "running", "stop", "wait_until", "wait_until_ready"]
 
 # How much of a server's log an error quotes when the server does not start.
 _LOG_TAIL_CHARS = 3000
@@ -67,8 +67,21 @@ def wait_until_ready(
     proc: subprocess.Popen[bytes], url: str, *, what: str, timeout_s: float, interval_s: float = 0.5
 ) -> None:
     """Poll `url` until it answers 200; LLMAdapterError when `proc` exits first or `timeout_s` passes."""
+    wait_until(proc, lambda: answers(url), what=what, timeout_s=timeout_s, interval_s=interval_s)
+
+
+def wait_until(
+    proc: subprocess.Popen[bytes],
+    ready: Callable[[], bool],
+    *,
+    what: str,
+    timeout_s: float,
+    interval_s: float = 0.5,
+) -> None:
+    """Call `ready` until it says yes (a server without an HTTP route: a database, a TCP port); the same
+    errors as wait_until_ready."""
     deadline = time.monotonic() + timeout_s
-    while not answers(url):
+    while not ready():
         if proc.poll() is not None:
             raise LLMAdapterError(f"{what} exited with code {proc.returncode} at start.")
         if time.monotonic() > deadline:

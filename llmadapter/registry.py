@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 
+from llmadapter.artifact_store import store_errors_named
 from llmadapter.errors import ConfigError, LLMAdapterError, NotFoundError, ValidationFailedError
 
 if TYPE_CHECKING:
@@ -365,8 +366,9 @@ def persist_weights(name: str, version: int) -> RegisteredVersion:
             _client().set_model_version_tag(name, str(version), TAG_WEIGHTS, "stored")
         return get_version(name, version)
     location = _download_uri(current)
-    mlflow.transformers.persist_pretrained_model(location)
-    _mark_engine_weights_stored(location)
+    with store_errors_named(f"Copying the weights of '{name}' version {version} into {location} failed"):
+        mlflow.transformers.persist_pretrained_model(location)
+        _mark_engine_weights_stored(location)
     if not weights_stored(current.uri):
         raise ConfigError(
             f"Persisting the weights of '{name}' version {version} left no weights in {location}.",

@@ -8,10 +8,12 @@ from typing import Any
 
 from prefect import task
 
+from llmadapter.artifact_store import UNAVAILABLE as ARTIFACT_STORE_UNAVAILABLE
 from llmadapter.errors import LLMAdapterError
 
-# ModelSourceError codes that mean "the hub did not answer", as opposed to "no such repo/revision".
-_TRANSIENT_SOURCE_CODES = frozenset({"hub_unreachable"})
+# llmadapter error codes for a service that may come back: the hub did not answer (as opposed to "no
+# such repo/revision"), the artifact store is down (as opposed to refusing our credentials).
+_TRANSIENT_CODES = frozenset({"hub_unreachable", ARTIFACT_STORE_UNAVAILABLE})
 # MLflow error codes for a tracking server that is busy or briefly away.
 _TRANSIENT_MLFLOW_CODES = frozenset(
     {"TEMPORARILY_UNAVAILABLE", "RESOURCE_EXHAUSTED", "REQUEST_LIMIT_EXCEEDED"}
@@ -47,7 +49,7 @@ def is_transient(exc: BaseException) -> bool:
 def _verdict(exc: BaseException) -> bool | None:
     """Transient or not for the exception types we know; None to decide by what it wraps."""
     if isinstance(exc, LLMAdapterError):
-        return exc.code in _TRANSIENT_SOURCE_CODES
+        return exc.code in _TRANSIENT_CODES
     if isinstance(exc, ConnectionError | TimeoutError):
         return True
     if _is_database_error(exc):
@@ -65,6 +67,10 @@ def _verdict(exc: BaseException) -> bool | None:
         import requests
 
         if isinstance(exc, requests.ConnectionError | requests.Timeout):
+            return True
+        if isinstance(exc, requests.exceptions.RetryError):
+            # MLflow's client retries only 429 and 5xx, so the server kept answering those: a tracking
+            # server whose PostgreSQL restarts answers 503 until it is back.
             return True
         if isinstance(exc, requests.HTTPError) and exc.response is not None:
             return exc.response.status_code == 429 or exc.response.status_code >= 500

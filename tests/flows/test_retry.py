@@ -74,6 +74,40 @@ def test_mlflow_rest_client_connection_failure_is_transient() -> None:
     assert is_transient(caught.value)
 
 
+def test_a_tracking_server_answering_503_after_mlflows_retries_is_transient() -> None:
+    # What a client sees while the tracking server's PostgreSQL restarts: 503s until MLflow gives up.
+    import http.server
+    import threading
+
+    from mlflow.utils.rest_utils import MlflowHostCreds, http_request
+
+    class Unavailable(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Unavailable)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(MlflowException) as caught:
+            http_request(
+                MlflowHostCreds(f"http://127.0.0.1:{server.server_port}"),
+                "/api/2.0/mlflow/experiments/get",
+                "GET",
+                max_retries=1,
+                backoff_factor=0,
+            )
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "too many 503 error responses" in caught.value.message
+    assert is_transient(caught.value)
+
+
 def _mlflow_sql_error(db: Path, statement: str, *, locked: bool = False) -> MlflowException:
     """The MlflowException that MLflow's SQL store raises for `statement` on a real SQLite file."""
     import sqlalchemy
