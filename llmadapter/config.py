@@ -73,6 +73,33 @@ class ModelConfig(StoredConfig):
         int | None, Field(ge=1, description="Override the model's context window (tokens).")
     ] = None
 
+    response_format: dict[str, Any] | None = Field(
+        default=None,
+        description="Default response_format of chat and completions requests (the OpenAI shape).",
+    )
+    tool_call_parser: Literal["auto", "hermes", "llama3_json", "mistral", "json"] = Field(
+        default="auto",
+        description="How tool calls are read from the output; auto: from the chat template.",
+    )
+
+    @field_validator("response_format")
+    @classmethod
+    def _response_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is None:
+            return None
+        from llmadapter.engine.grammar import check_schema
+        from llmadapter.errors import InvalidRequestError
+        from llmadapter.protocol.optional import ResponseFormat
+
+        fmt = ResponseFormat.model_validate(value)  # a ValidationError names the key
+        schema = fmt.schema_of()
+        if schema is not None:
+            try:
+                check_schema(schema, "response_format")
+            except InvalidRequestError as exc:
+                raise ValueError(exc.message) from None
+        return value
+
     @field_validator("stop", mode="before")
     @classmethod
     def _stop_list(cls, value: Any) -> Any:
