@@ -334,7 +334,7 @@ def generic_prompt(tools: list[dict[str, Any]], allow_text: bool) -> str:
     ]
     lines = [
         "You can call these tools:",
-        json.dumps(described, indent=2),
+        json.dumps(described),
         "",
         'To call a tool, answer with JSON only: {"tool_calls": [{"name": "<tool name>", "arguments": '
         "{<the arguments, valid against the tool's parameters>}}]}",
