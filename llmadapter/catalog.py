@@ -85,6 +85,7 @@ _COMPLETIONS_EXTRA = (
     ("seed", "long"),
     ("logprobs", "long"),
     ("echo", "boolean"),
+    ("response_format", "map_any"),
     ("best_of", "long"),
     ("suffix", "string"),
     ("logit_bias", "map_any"),

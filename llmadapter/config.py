@@ -31,6 +31,10 @@ DEFAULT_MAX_TOKENS = 256
 GREEDY_BELOW = 1e-5
 
 
+# model_config keys added after the first digests (key -> default).
+_LATER_KEYS: dict[str, Any] = {"response_format": None, "tool_call_parser": "auto"}
+
+
 class StoredConfig(BaseModel):
     """What every task's model_config shares: unknown keys refused, immutable, and a registry digest."""
 
@@ -42,7 +46,13 @@ class StoredConfig(BaseModel):
         The registry's `model_config_hash` tag. The task is not part of it: the registry keys versions
         on the task tag beside it, and chat and completions share one config model.
         """
-        payload = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        values = self.model_dump(mode="json")
+        # Keys added after digests were first recorded count only when set: an existing config's digest
+        # (and so its registry tag) stays what it was.
+        for key, default in _LATER_KEYS.items():
+            if values.get(key, default) == default:
+                values.pop(key, None)
+        payload = json.dumps(values, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

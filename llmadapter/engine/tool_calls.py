@@ -333,14 +333,11 @@ def generic_prompt(tools: list[dict[str, Any]], allow_text: bool) -> str:
         for tool in tools
     ]
     lines = [
-        "You can call these tools:",
-        json.dumps(described),
-        "",
-        'To call a tool, answer with JSON only: {"tool_calls": [{"name": "<tool name>", "arguments": '
-        "{<the arguments, valid against the tool's parameters>}}]}",
+        f"Tools: {json.dumps(described)}",
+        'To call a tool, answer in JSON: {"tool_calls": [{"name": "<tool>", "arguments": {<parameters>}}]}',
     ]
     if allow_text:
-        lines.append('To answer without a tool, answer with JSON only: {"response": "<your answer>"}')
+        lines.append('To answer without a tool: {"response": "<your answer>"}')
     return "\n".join(lines)
 
 
