@@ -258,6 +258,11 @@ def _extra_colspec(name: str, kind: str) -> Any:
     return ColSpec(_extra_type(kind), name, required=False)
 
 
+# MLflow fields whose own type is narrower than what the request model takes: MLflow's `tools` allows
+# only description/enum/items/type in a parameter's schema, and tool parameters are any JSON Schema.
+_WIDENED = {"tools": "array_map"}
+
+
 def build_signature(inference_task: str) -> ModelSignature:
     """MLflow's own llm/v1 signature, extended with optional fields for every other engine parameter."""
     from mlflow.models import ModelSignature
@@ -267,7 +272,8 @@ def build_signature(inference_task: str) -> ModelSignature:
     spec = get_task(inference_task)
     native = _SIGNATURE_FOR_LLM_INFERENCE_TASK[inference_task]
     names = set(native.inputs.input_names())
-    inputs = list(native.inputs.inputs) + [
-        _extra_colspec(name, kind) for name, kind in spec.extra_fields if name not in names
-    ]
+    inputs = [
+        _extra_colspec(col.name, _WIDENED[col.name]) if col.name in _WIDENED else col
+        for col in native.inputs.inputs
+    ] + [_extra_colspec(name, kind) for name, kind in spec.extra_fields if name not in names]
     return ModelSignature(inputs=Schema(inputs), outputs=native.outputs, params=native.params)

@@ -346,3 +346,80 @@ def test_incremental_parses_only_grow_and_end_at_the_whole_parse(parser: str) ->
             arguments = now.calls[0].arguments
         assert "<tool_call" not in now.content
     assert arguments == final.calls[0].arguments == json.dumps({"city": "Paris", "unit": "c"})
+
+
+# --- real SmolLM2-135M-Instruct ---------------------------------------------------------------------
+
+SCHEMAS = {
+    "required-string": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    "bounded-integer": {
+        "type": "object",
+        "properties": {"age": {"type": "integer", "minimum": 18, "maximum": 99}},
+        "required": ["age"],
+    },
+    "enum": {"type": "object", "properties": {"mood": {"enum": ["happy", "sad"]}}, "required": ["mood"]},
+    "nested": {
+        "type": "object",
+        "properties": {
+            "author": {
+                "type": "object",
+                "properties": {"name": {"type": "string"}, "born": {"type": "integer"}},
+                "required": ["name", "born"],
+            }
+        },
+        "required": ["author"],
+    },
+    "array-of-objects": {
+        "type": "object",
+        "properties": {
+            "items": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {"fruit": {"type": "string"}, "count": {"type": "integer"}},
+                    "required": ["fruit", "count"],
+                    "additionalProperties": False,
+                },
+                "minItems": 1,
+                "maxItems": 3,
+            }
+        },
+        "required": ["items"],
+        "additionalProperties": False,
+    },
+}
+
+
+@pytest.mark.slow
+def test_smollm2_answers_schemas_and_calls_tools_in_one_mixed_batch(smollm2: Path) -> None:
+    engine = make_engine(smollm2, max_tokens=80)
+    try:
+        ask = [{"role": "user", "content": "Describe a person, a city and some fruit as JSON."}]
+        # Every schema greedy, two of them sampled too (the 20-request check is bench/structured.py).
+        cases = [(name, 0) for name in SCHEMAS] + [("nested", 1), ("array-of-objects", 1)]
+        constrained = [
+            engine.parse(
+                {"messages": ask, "response_format": json_schema(SCHEMAS[n]), "temperature": t, "seed": 3}
+            )
+            for n, t in cases
+        ]
+        weather = [{"role": "user", "content": "What is the weather in Paris in celsius?"}]
+        calls = [
+            engine.parse(
+                {"messages": weather, "tools": [WEATHER, TIME], "tool_choice": choice, "temperature": 0}
+            )
+            for choice in ("required", {"type": "function", "function": {"name": "get_weather"}})
+        ]
+        free = engine.parse({"messages": ask, "temperature": 0, "max_tokens": 20})
+        (alone,) = engine.run([free])
+        answers = engine.run([*constrained, *calls, free])
+        for (name, _), answer in zip(cases, answers, strict=False):
+            assert answer.choices[0].finish_reason == "stop", name
+            jsonschema.validate(json.loads(answer.choices[0].message.content), SCHEMAS[name])
+        for answer in answers[len(constrained) : -1]:
+            ((name, arguments),) = calls_of(answer)
+            assert name == "get_weather"
+            jsonschema.validate(arguments, WEATHER["function"]["parameters"])
+        assert answers[-1].choices[0].message.content == alone.choices[0].message.content
+    finally:
+        engine.close()
