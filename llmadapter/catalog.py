@@ -252,6 +252,11 @@ def _extra_type(kind: str) -> Any:
     return types[kind]() if kind in types else DataType[kind]
 
 
+def widened_colspec(name: str) -> Any:
+    """Our colspec of an MLflow field this signature widens (WIDENED_FIELDS)."""
+    return _extra_colspec(name, WIDENED_FIELDS[name])
+
+
 def _extra_colspec(name: str, kind: str) -> Any:
     from mlflow.types.schema import ColSpec
 
@@ -260,7 +265,7 @@ def _extra_colspec(name: str, kind: str) -> Any:
 
 # MLflow fields whose own type is narrower than what the request model takes: MLflow's `tools` allows
 # only description/enum/items/type in a parameter's schema, and tool parameters are any JSON Schema.
-_WIDENED = {"tools": "array_map"}
+WIDENED_FIELDS = {"tools": "array_map"}
 
 
 def build_signature(inference_task: str) -> ModelSignature:
@@ -273,7 +278,6 @@ def build_signature(inference_task: str) -> ModelSignature:
     native = _SIGNATURE_FOR_LLM_INFERENCE_TASK[inference_task]
     names = set(native.inputs.input_names())
     inputs = [
-        _extra_colspec(col.name, _WIDENED[col.name]) if col.name in _WIDENED else col
-        for col in native.inputs.inputs
+        widened_colspec(col.name) if col.name in WIDENED_FIELDS else col for col in native.inputs.inputs
     ] + [_extra_colspec(name, kind) for name, kind in spec.extra_fields if name not in names]
     return ModelSignature(inputs=Schema(inputs), outputs=native.outputs, params=native.params)
