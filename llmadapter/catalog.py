@@ -101,6 +101,8 @@ _EMBEDDINGS_EXTRA = (
     ("model", "string"),
 )
 
+# Constrained decoding (response_format, forced tool calls) and its schema checks.
+_GENERATION_REQUIREMENTS = ("xgrammar", "jsonschema")
 _GENERATION_CHECKS = (
     "usage-arithmetic",
     "finish-reason",
@@ -155,6 +157,7 @@ CATALOG: dict[str, TaskSpec] = {
         extra_fields=_CHAT_EXTRA,
         checks=_GENERATION_CHECKS,
         needs_chat_template=True,
+        requirements=_GENERATION_REQUIREMENTS,
     ),
     COMPLETIONS: TaskSpec(
         inference_task=COMPLETIONS,
@@ -167,6 +170,7 @@ CATALOG: dict[str, TaskSpec] = {
         name_suffix="completions",
         extra_fields=_COMPLETIONS_EXTRA,
         checks=_GENERATION_CHECKS,
+        requirements=_GENERATION_REQUIREMENTS,
     ),
     EMBEDDINGS: TaskSpec(
         inference_task=EMBEDDINGS,
