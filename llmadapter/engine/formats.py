@@ -274,7 +274,8 @@ class ChatFormat(Format):
                 )
                 check_schema(params, where)
         forced = choice == "required" or isinstance(choice, dict)
-        if not forced and response_format(req, config) not in (None, ResponseFormat(type="text")):
+        # The request's own response_format only: model_config's default yields to tools.
+        if not forced and req.response_format not in (None, ResponseFormat(type="text")):
             raise InvalidRequestError(
                 f"Unsupported value: 'response_format' with {tools_param} and {choice_param} 'auto' (a text "
                 "answer of the schema or a tool call) is not supported; give one of them, or force the call.",

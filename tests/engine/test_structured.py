@@ -115,13 +115,15 @@ def test_json_object_answers_are_objects_and_completions_take_response_format(ti
         completions.close()
 
 
-def test_model_config_sets_a_default_response_format(tiny_gpt2: Path) -> None:
+def test_model_config_sets_a_default_response_format(long_model: Path) -> None:
     fmt = json_schema({"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]})
-    engine = make_engine(tiny_gpt2, response_format=fmt)
+    engine = make_engine(long_model, response_format=fmt)
     try:
         assert json.loads(run(engine, seed=1).choices[0].message.content)["ok"] in (True, False)
         free = run(engine, seed=1, max_tokens=5, response_format={"type": "text"}).choices[0].message.content
         assert not free.startswith('{"ok"')
+        # The default yields to tools (a request's own response_format with tools "auto" is a 400).
+        assert calls_of(run(engine, tools=[TIME], tool_choice="required", max_tokens=60))[0][0] == "get_time"
     finally:
         engine.close()
 
