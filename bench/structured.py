@@ -151,7 +151,10 @@ def bench_xgrammar(tok: Any, vocab: int) -> dict[str, Any]:
     found = {}
     for name, (schema, breaking) in FEATURES.items():
         try:
-            m = xg.GrammarMatcher(compiler.compile_json_schema(json.dumps(schema), any_whitespace=False))
+            grammar = compiler.compile_json_schema(
+                json.dumps(schema), any_whitespace=False, separators=(",", ":")
+            )
+            m = xg.GrammarMatcher(grammar)
         except RuntimeError:
             found[name] = "refused"
             continue
