@@ -19,7 +19,14 @@ from llmadapter.engine.grammar import Constraint, check_schema
 from llmadapter.engine.logprobs import PromptToken
 from llmadapter.engine.scheduler import Sequence, TokenInfo
 from llmadapter.engine.sink import Event
-from llmadapter.engine.tool_calls import JsonParser, ParsedCall, ToolParser, parser_for_template, valid
+from llmadapter.engine.tool_calls import (
+    JsonParser,
+    ParsedCall,
+    ToolParser,
+    new_call_id,
+    parser_for_template,
+    valid,
+)
 from llmadapter.errors import InvalidRequestError
 from llmadapter.protocol import (
     AssistantMessage,
@@ -41,7 +48,6 @@ from llmadapter.protocol import (
     ToolCall,
     TopLogprob,
     Usage,
-    new_id,
 )
 
 GenRequest = ChatCompletionRequest | CompletionRequest
@@ -331,7 +337,7 @@ class ChatFormat(Format):
                     content=parsed.content.strip() or None,
                     tool_calls=[
                         ToolCall(
-                            id=new_id("call"), function=FunctionCall(name=str(c.name), arguments=c.arguments)
+                            id=new_call_id(), function=FunctionCall(name=str(c.name), arguments=c.arguments)
                         )
                         for c in calls
                     ],
@@ -362,7 +368,7 @@ class ChatFormat(Format):
             if index == len(cursor.calls):
                 if call.name is None:
                     break
-                cursor.calls.append((new_id("call"), 0))
+                cursor.calls.append((new_call_id(), 0))
                 pieces.append(
                     DeltaToolCall(
                         index=index,

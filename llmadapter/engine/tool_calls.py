@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -18,6 +19,11 @@ from typing import Any, ClassVar
 from llmadapter.engine.grammar import Constraint
 
 _ARG_KEYS = ("arguments", "parameters")
+
+
+def new_call_id() -> str:
+    """A tool call's id, shaped as OpenAI's (`call_` and 24 characters)."""
+    return f"call_{uuid.uuid4().hex[:24]}"
 
 
 @dataclass
