@@ -39,6 +39,7 @@ bench: setup
 	$(BIN)/python bench/observability.py --rounds 3
 	$(BIN)/python bench/swap.py
 	$(BIN)/python bench/platform_path.py --model tiny
+	$(BIN)/python bench/structured.py --check
 
 clean:
 	rm -rf .llmadapter .pytest_cache .mypy_cache .ruff_cache

@@ -85,6 +85,7 @@ _COMPLETIONS_EXTRA = (
     ("seed", "long"),
     ("logprobs", "long"),
     ("echo", "boolean"),
+    ("response_format", "map_any"),
     ("best_of", "long"),
     ("suffix", "string"),
     ("logit_bias", "map_any"),
@@ -100,6 +101,8 @@ _EMBEDDINGS_EXTRA = (
     ("model", "string"),
 )
 
+# Constrained decoding (response_format, forced tool calls) and its schema checks.
+_GENERATION_REQUIREMENTS = ("xgrammar", "jsonschema")
 _GENERATION_CHECKS = (
     "usage-arithmetic",
     "finish-reason",
@@ -154,6 +157,7 @@ CATALOG: dict[str, TaskSpec] = {
         extra_fields=_CHAT_EXTRA,
         checks=_GENERATION_CHECKS,
         needs_chat_template=True,
+        requirements=_GENERATION_REQUIREMENTS,
     ),
     COMPLETIONS: TaskSpec(
         inference_task=COMPLETIONS,
@@ -166,6 +170,7 @@ CATALOG: dict[str, TaskSpec] = {
         name_suffix="completions",
         extra_fields=_COMPLETIONS_EXTRA,
         checks=_GENERATION_CHECKS,
+        requirements=_GENERATION_REQUIREMENTS,
     ),
     EMBEDDINGS: TaskSpec(
         inference_task=EMBEDDINGS,
@@ -251,10 +256,20 @@ def _extra_type(kind: str) -> Any:
     return types[kind]() if kind in types else DataType[kind]
 
 
+def widened_colspec(name: str) -> Any:
+    """Our colspec of an MLflow field this signature widens (WIDENED_FIELDS)."""
+    return _extra_colspec(name, WIDENED_FIELDS[name])
+
+
 def _extra_colspec(name: str, kind: str) -> Any:
     from mlflow.types.schema import ColSpec
 
     return ColSpec(_extra_type(kind), name, required=False)
+
+
+# MLflow fields whose own type is narrower than what the request model takes: MLflow's `tools` allows
+# only description/enum/items/type in a parameter's schema, and tool parameters are any JSON Schema.
+WIDENED_FIELDS = {"tools": "array_map"}
 
 
 def build_signature(inference_task: str) -> ModelSignature:
@@ -266,7 +281,7 @@ def build_signature(inference_task: str) -> ModelSignature:
     spec = get_task(inference_task)
     native = _SIGNATURE_FOR_LLM_INFERENCE_TASK[inference_task]
     names = set(native.inputs.input_names())
-    inputs = list(native.inputs.inputs) + [
-        _extra_colspec(name, kind) for name, kind in spec.extra_fields if name not in names
-    ]
+    inputs = [
+        widened_colspec(col.name) if col.name in WIDENED_FIELDS else col for col in native.inputs.inputs
+    ] + [_extra_colspec(name, kind) for name, kind in spec.extra_fields if name not in names]
     return ModelSignature(inputs=Schema(inputs), outputs=native.outputs, params=native.params)

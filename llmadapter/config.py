@@ -31,6 +31,10 @@ DEFAULT_MAX_TOKENS = 256
 GREEDY_BELOW = 1e-5
 
 
+# model_config keys added after the first digests (key -> default).
+_LATER_KEYS: dict[str, Any] = {"response_format": None, "tool_call_parser": "auto"}
+
+
 class StoredConfig(BaseModel):
     """What every task's model_config shares: unknown keys refused, immutable, and a registry digest."""
 
@@ -42,7 +46,13 @@ class StoredConfig(BaseModel):
         The registry's `model_config_hash` tag. The task is not part of it: the registry keys versions
         on the task tag beside it, and chat and completions share one config model.
         """
-        payload = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        values = self.model_dump(mode="json")
+        # Keys added after digests were first recorded count only when set: an existing config's digest
+        # (and so its registry tag) stays what it was.
+        for key, default in _LATER_KEYS.items():
+            if values.get(key, default) == default:
+                values.pop(key, None)
+        payload = json.dumps(values, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -72,6 +82,33 @@ class ModelConfig(StoredConfig):
     context_window: Annotated[
         int | None, Field(ge=1, description="Override the model's context window (tokens).")
     ] = None
+
+    response_format: dict[str, Any] | None = Field(
+        default=None,
+        description="Default response_format of chat and completions requests (the OpenAI shape).",
+    )
+    tool_call_parser: Literal["auto", "hermes", "llama3_json", "mistral", "json"] = Field(
+        default="auto",
+        description="How tool calls are read from the output; auto: from the chat template.",
+    )
+
+    @field_validator("response_format")
+    @classmethod
+    def _response_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is None:
+            return None
+        from llmadapter.engine.grammar import check_schema
+        from llmadapter.errors import InvalidRequestError
+        from llmadapter.protocol.optional import ResponseFormat
+
+        fmt = ResponseFormat.model_validate(value)  # a ValidationError names the key
+        schema = fmt.schema_of()
+        if schema is not None:
+            try:
+                check_schema(schema, "response_format")
+            except InvalidRequestError as exc:
+                raise ValueError(exc.message) from None
+        return value
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -7,6 +7,7 @@ import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from llmadapter.engine.tool_calls import assistant_call_text, generic_prompt
 from llmadapter.errors import InvalidRequestError
 from llmadapter.protocol import ChatMessage
 
@@ -26,6 +27,11 @@ class ChatTemplate:
         parameters = inspect.signature(tokenizer.apply_chat_template).parameters.values()
         self._reserved = {p.name for p in parameters if p.kind not in _VARIADIC} | {"messages"}
 
+    @property
+    def renders_tools(self) -> bool:
+        """Whether the template itself writes `tools` into the prompt (else the generic prompt does)."""
+        return "tools" in self.source
+
     def render(
         self,
         messages: Sequence[ChatMessage],
@@ -35,7 +41,6 @@ class ChatTemplate:
         template_kwargs: Mapping[str, Any] | None = None,
         tools: list[dict[str, Any]] | None = None,
         tool_choice: Any = None,
-        tool_choice_param: str = "tool_choice",
         reasoning_effort: str | None = None,
     ) -> str:
         """The prompt text; InvalidRequestError naming the field the template cannot honour."""
@@ -44,20 +49,16 @@ class ChatTemplate:
                 "This model's tokenizer has no chat template; use the completions task.", param="messages"
             )
         kwargs = self._template_kwargs(template_kwargs or {})
+        chat = [m.to_template() for m in messages]
         if tools and tool_choice != "none":
-            if "tools" not in self.source:
-                raise InvalidRequestError("This model's chat template does not support tools.", param="tools")
-            if tool_choice not in (None, "auto"):
-                raise InvalidRequestError(
-                    f"Only {tool_choice_param} 'auto' or 'none' is supported: the engine cannot force a "
-                    "tool call.",
-                    param=tool_choice_param,
-                )
-            kwargs["tools"] = tools
+            if self.renders_tools:
+                kwargs["tools"] = tools
+            else:
+                chat = _generic_tools(chat, generic_prompt(tools, allow_text=tool_choice in (None, "auto")))
         kwargs = {**self._reasoning(reasoning_effort), **kwargs}
         try:
             text = self.tokenizer.apply_chat_template(
-                [m.to_template() for m in messages],
+                chat,
                 tokenize=False,
                 add_generation_prompt=generation_prompt,
                 continue_final_message=continue_final,
@@ -97,3 +98,17 @@ class ChatTemplate:
             )
         values = {"reasoning_effort": effort, "enable_thinking": effort != "none"}
         return {name: values[name] for name in reads}
+
+
+def _generic_tools(chat: list[dict[str, Any]], prompt: str) -> list[dict[str, Any]]:
+    """The conversation for a template without tools: the tools described in the system message, and
+    earlier assistant calls written in the JSON they were asked in (llama.cpp's generic handler)."""
+    out = [
+        {**m, "content": assistant_call_text(m["tool_calls"])} if m.get("tool_calls") else dict(m)
+        for m in chat
+    ]
+    if out and out[0]["role"] == "system":
+        out[0]["content"] = f"{out[0]['content']}\n\n{prompt}"
+    else:
+        out.insert(0, {"role": "system", "content": prompt})
+    return out

@@ -13,11 +13,20 @@ from typing import Any, ClassVar, cast
 from pydantic import BaseModel
 
 from llmadapter.catalog import CHAT, COMPLETIONS, TaskSpec
-from llmadapter.config import GenerationParams
+from llmadapter.config import GenerationParams, ModelConfig
 from llmadapter.engine.chat_template import ChatTemplate
+from llmadapter.engine.grammar import Constraint, check_schema
 from llmadapter.engine.logprobs import PromptToken
 from llmadapter.engine.scheduler import Sequence, TokenInfo
 from llmadapter.engine.sink import Event
+from llmadapter.engine.tool_calls import (
+    JsonParser,
+    ParsedCall,
+    ToolParser,
+    new_call_id,
+    parser_for_template,
+    valid,
+)
 from llmadapter.errors import InvalidRequestError
 from llmadapter.protocol import (
     AssistantMessage,
@@ -28,10 +37,15 @@ from llmadapter.protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
+    DeltaFunction,
     DeltaMessage,
+    DeltaToolCall,
+    FunctionCall,
     PromptLogprob,
     PromptLogprobs,
+    ResponseFormat,
     TokenLogprob,
+    ToolCall,
     TopLogprob,
     Usage,
 )
@@ -41,11 +55,42 @@ GenRequest = ChatCompletionRequest | CompletionRequest
 
 @dataclass
 class Cursor:
-    """How much of one choice a stream has sent: its role chunk, its text, its tokens' logprobs."""
+    """How much of one choice a stream has sent: its role chunk, its text, its tokens' logprobs; with
+    tools, the text so far, the content sent and each call's id and argument characters sent."""
 
     started: bool = False
     chars: int = 0
     tokens: int = 0
+    text: str = ""
+    content: int = 0
+    calls: list[tuple[str, int]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Structure:
+    """What a request asks of the output's shape: a constraint (and the field that asked for it, as its
+    errors name it) and, with tools, the parser that reads calls out of the text."""
+
+    constraint: Constraint | None = None
+    param: str = "response_format"
+    parser: ToolParser | None = None
+
+
+def response_format(req: GenRequest, config: ModelConfig) -> ResponseFormat | None:
+    """The request's response_format, else model_config's default."""
+    if req.response_format is not None:
+        return req.response_format
+    return ResponseFormat.model_validate(config.response_format) if config.response_format else None
+
+
+def format_constraint(req: GenRequest, config: ModelConfig) -> Structure:
+    """The constraint of `response_format` (none for text); its schema checked before any compute."""
+    fmt = response_format(req, config)
+    schema = fmt.schema_of() if fmt is not None else None
+    if schema is None:
+        return Structure()
+    check_schema(schema, "response_format")
+    return Structure(Constraint.json(schema))
 
 
 @dataclass
@@ -60,6 +105,8 @@ class Job:
     created: int
     seqs: list[Sequence] = field(default_factory=list)
     cursors: dict[int, Cursor] = field(default_factory=dict)
+    grammar: Any = None  # the compiled constraint every sequence is held to (None: free)
+    parser: ToolParser | None = None  # tools asked for: how calls are read from the text
 
     @property
     def prompt_tokens(self) -> int:
@@ -96,6 +143,10 @@ class Format(ABC):
     @abstractmethod
     def prompts(self, req: Any) -> tuple[list[list[int]], list[str]]:
         """The token ids and texts of the request's prompts (raises InvalidRequestError)."""
+
+    def structure(self, req: Any, config: ModelConfig) -> Structure:
+        """The shape the request asks of the output (raises InvalidRequestError)."""
+        return format_constraint(req, config)
 
     @abstractmethod
     def choice(self, job: Job, seq: Sequence) -> BaseModel:
@@ -199,7 +250,7 @@ class ChatFormat(Format):
         self.template = ChatTemplate(tokenizer)
 
     def prompts(self, req: ChatCompletionRequest) -> tuple[list[list[int]], list[str]]:
-        tools, tool_choice, choice_param = req.template_tools()
+        tools, tool_choice, _ = req.template_tools()
         text = self.template.render(
             req.messages,
             generation_prompt=req.generation_prompt(),
@@ -207,10 +258,51 @@ class ChatFormat(Format):
             template_kwargs=req.chat_template_kwargs,
             tools=tools,
             tool_choice=tool_choice,
-            tool_choice_param=choice_param,
             reasoning_effort=req.reasoning_effort,
         )
         return [self.template.encode(text)], [text]
+
+    def structure(self, req: ChatCompletionRequest, config: ModelConfig) -> Structure:
+        """With tools (and tool_choice not "none"): the parser of the template's call format, and a
+        constraint to a valid call for "required" or a named function; a template without tools gets
+        the generic JSON format, constrained to a call or (with "auto") a text answer."""
+        tools, choice, choice_param = req.template_tools()
+        if not tools or choice == "none":
+            return format_constraint(req, config)
+        tools_param = "functions" if req.functions is not None else "tools"
+        for i, tool in enumerate(tools):
+            params = tool["function"].get("parameters")
+            if params is not None:
+                where = (
+                    f"functions[{i}].parameters"
+                    if req.functions is not None
+                    else f"tools[{i}].function.parameters"
+                )
+                check_schema(params, where)
+        forced = choice == "required" or isinstance(choice, dict)
+        # The request's own response_format only: model_config's default yields to tools.
+        if not forced and req.response_format not in (None, ResponseFormat(type="text")):
+            raise InvalidRequestError(
+                f"Unsupported value: 'response_format' with {tools_param} and {choice_param} 'auto' (a text "
+                "answer of the schema or a tool call) is not supported; give one of them, or force the call.",
+                param="response_format",
+                code="unsupported_value",
+            )
+        generic = not self.template.renders_tools
+        parser = (
+            JsonParser() if generic else parser_for_template(self.template.source, config.tool_call_parser)
+        )
+        named = (choice.get("function") or choice).get("name") if isinstance(choice, dict) else None
+        calls = {
+            t["function"]["name"]: parser.call_schema(t)
+            for t in tools
+            if named in (None, t["function"]["name"])
+        }
+        if not (forced or generic):
+            return Structure(parser=parser)
+        parallel = bool(req.parallel_tool_calls)  # as llama.cpp: one call unless several are asked for
+        constraint = parser.constraint(calls, parallel, allow_text=not forced)
+        return Structure(constraint, choice_param if forced else tools_param, parser)
 
     def envelope(self, job: Job) -> dict[str, Any]:
         # The spec: when service_tier is set, the answer names the tier that served it; there is one.
@@ -235,12 +327,63 @@ class ChatFormat(Format):
         )
 
     def choice(self, job: Job, seq: Sequence) -> BaseModel:
+        message = AssistantMessage(content=seq.text)
+        reason = _reason(seq)
+        if job.parser is not None:
+            parsed = job.parser.parse(seq.text, final=True)
+            calls = [c for c in parsed.calls if valid(c)]
+            if calls:
+                message = AssistantMessage(
+                    content=parsed.content.strip() or None,
+                    tool_calls=[
+                        ToolCall(
+                            id=new_call_id(), function=FunctionCall(name=str(c.name), arguments=c.arguments)
+                        )
+                        for c in calls
+                    ],
+                )
+                reason = "tool_calls" if reason == "stop" else reason
+            else:
+                message = AssistantMessage(content=parsed.content)
         return ChatChoice(
             index=seq.choice_index,
-            message=AssistantMessage(content=seq.text),
-            finish_reason=_reason(seq),
+            message=message,
+            finish_reason=reason,
             logprobs=self._logprobs(seq.emitted_tokens()) if job.params.logprobs else None,
         )
+
+    @staticmethod
+    def _call_deltas(job: Job, seq: Sequence, out: str, finished: bool) -> tuple[str, list[DeltaToolCall]]:
+        """The new content and tool-call pieces of one choice's stream (the text read by the parser so
+        far: a call's id, type and name once its name is complete, then its argument fragments)."""
+        assert job.parser is not None
+        cursor = job.cursors[seq.choice_index]
+        cursor.text += out
+        parsed = job.parser.parse(cursor.text, final=finished)
+        content = parsed.content[cursor.content :] if not cursor.calls else ""
+        cursor.content += len(content)
+        pieces: list[DeltaToolCall] = []
+        calls: list[ParsedCall] = [c for c in parsed.calls if valid(c)] if finished else parsed.calls
+        for index, call in enumerate(calls):
+            if index == len(cursor.calls):
+                if call.name is None:
+                    break
+                cursor.calls.append((new_call_id(), 0))
+                pieces.append(
+                    DeltaToolCall(
+                        index=index,
+                        id=cursor.calls[index][0],
+                        type="function",
+                        function=DeltaFunction(name=call.name, arguments=""),
+                    )
+                )
+            call_id, sent = cursor.calls[index]
+            if len(call.arguments) > sent and call.arguments.startswith(call.arguments[:sent]):
+                pieces.append(
+                    DeltaToolCall(index=index, function=DeltaFunction(arguments=call.arguments[sent:]))
+                )
+                cursor.calls[index] = (call_id, len(call.arguments))
+        return content, pieces
 
     def chunks(
         self, job: Job, seq: Sequence, out: str, finished: bool, first: bool, tokens: list[TokenInfo]
@@ -248,10 +391,20 @@ class ChatFormat(Format):
         deltas: list[tuple[DeltaMessage, Any, ChoiceLogprobs | None]] = []
         if first:
             deltas.append((DeltaMessage(role="assistant", content=""), None, None))
-        if out or tokens:
+        reason = _reason(seq) if finished else None
+        if job.parser is not None:
+            # Text that may be a tool call is held back until the parser knows; calls go out as pieces.
+            content, pieces = self._call_deltas(job, seq, out, finished)
+            if content:
+                deltas.append((DeltaMessage(content=content), None, None))
+            if pieces:
+                deltas.append((DeltaMessage(tool_calls=pieces), None, None))
+            if finished and job.cursors[seq.choice_index].calls and reason == "stop":
+                reason = "tool_calls"
+        elif out or tokens:
             deltas.append((DeltaMessage(content=out), None, self._logprobs(tokens) if tokens else None))
         if finished:
-            deltas.append((DeltaMessage(), _reason(seq), None))
+            deltas.append((DeltaMessage(), reason, None))
         return [
             self.chunk(
                 job,

@@ -17,6 +17,7 @@ from llmadapter.config import GenerationParams, ModelConfig
 from llmadapter.engine.base import Engine, EngineStats
 from llmadapter.engine.chat_template import ChatTemplate
 from llmadapter.engine.formats import FORMATS, Job
+from llmadapter.engine.grammar import GrammarCompiler, Matcher
 from llmadapter.engine.sampling import RowSampler
 from llmadapter.engine.scheduler import Scheduler
 from llmadapter.engine.scheduler import Sequence as Seq
@@ -86,10 +87,12 @@ class GenerationEngine(Engine):
         self._template = ChatTemplate(tokenizer)
         self._window = _context_window(model, config)
         self._vocab = int(model.get_output_embeddings().weight.shape[0])
+        eos_ids = _eos_ids(model, tokenizer)
+        self.grammars = GrammarCompiler(tokenizer, self._vocab, eos_ids)
         self.scheduler = Scheduler(
             model,
             tokenizer,
-            eos_ids=_eos_ids(model, tokenizer),
+            eos_ids=eos_ids,
             max_batch_size=config.max_batch_size,
             max_queue=max_queue,
             stats=self.stats,
@@ -114,6 +117,7 @@ class GenerationEngine(Engine):
         params = req.to_generation(self.config)
         self._check_token_ids("logit_bias", params.logit_bias)
         self._check_token_ids("stop_token_ids", params.stop_token_ids)
+        structure = self._format.structure(req, self.config)
         prompts, texts = self._format.prompts(req)
         what = self._format.prompt_param
         for prompt in prompts:
@@ -143,7 +147,10 @@ class GenerationEngine(Engine):
                 f"server holds at most {self.scheduler.max_queue} queued or running.",
                 param="n" if params.n > 1 else what,
             )
-        return Job(req, params, prompts, texts, new_id(self._format.id_prefix), now())
+        job = Job(req, params, prompts, texts, new_id(self._format.id_prefix), now(), parser=structure.parser)
+        if structure.constraint is not None:
+            job.grammar = self.grammars.compile(structure.constraint, structure.param)
+        return job
 
     def _check_token_ids(self, param: str, ids: Iterable[int]) -> None:
         outside = [token_id for token_id in ids if not 0 <= token_id < self._vocab]
@@ -190,7 +197,11 @@ class GenerationEngine(Engine):
                         choice_index=choice,
                         sink=sink,
                         sampler=RowSampler.create(
-                            job.params, choice, prompt_ids=prompt, eos_ids=self.scheduler.eos_ids
+                            job.params,
+                            choice,
+                            prompt_ids=prompt,
+                            eos_ids=self.scheduler.eos_ids,
+                            grammar=Matcher(job.grammar) if job.grammar is not None else None,
                         ),
                         decoder=IncrementalDecoder(self.tokenizer),
                         matcher=StopMatcher(job.params.stop, include=job.params.include_stop_str),

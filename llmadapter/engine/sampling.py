@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llmadapter.config import GenerationParams
+from llmadapter.engine.grammar import Matcher, apply_masks
 
 
 @dataclass
@@ -27,6 +28,8 @@ class RowSampler:
     # Tokens that may not be drawn before min_tokens are generated: EOS and stop_token_ids.
     stop_ids: frozenset[int] = frozenset()
     generated: int = 0
+    # Constrained decoding: only tokens that keep the output valid may be drawn (None: free).
+    grammar: Matcher | None = None
 
     @classmethod
     def create(
@@ -36,6 +39,7 @@ class RowSampler:
         *,
         prompt_ids: Iterable[int] = (),
         eos_ids: Iterable[int] = (),
+        grammar: Matcher | None = None,
     ) -> RowSampler:
         generator = None
         if not params.greedy:
@@ -46,7 +50,11 @@ class RowSampler:
             generator.manual_seed(seed)
         seen = set(prompt_ids) if params.repetition_penalty != 1.0 else set()
         stop_ids = frozenset((*eos_ids, *params.stop_token_ids)) if params.min_tokens else frozenset()
-        return cls(params, generator, {}, seen, stop_ids)
+        # A grammar decides when the output may end: min_tokens' ban on stop tokens would leave a
+        # complete value nothing to draw.
+        if grammar is not None:
+            stop_ids = frozenset()
+        return cls(params, generator, {}, seen, stop_ids, grammar=grammar)
 
     def observe(self, token_id: int) -> None:
         self.counts[token_id] = self.counts.get(token_id, 0) + 1
@@ -100,6 +108,7 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float, min_p: float = 0.0) 
 def choose_tokens(logits: torch.Tensor, rows: list[RowSampler]) -> list[int]:
     """Pick the next token of every row. `logits` is [rows, vocab], float32, modified in place."""
     _penalize(logits, rows)
+    apply_masks(logits, [(i, r.grammar) for i, r in enumerate(rows) if r.grammar is not None])
     greedy_rows = [i for i, r in enumerate(rows) if r.params.greedy]
     out: list[int] = [0] * len(rows)
     if greedy_rows:

@@ -342,6 +342,13 @@ class Scheduler:
             self._finish(seq, "length", None)
             return
         seq.times.token(now)
+        grammar = seq.sampler.grammar
+        if grammar is not None:
+            grammar.accept(tok)
+            if grammar.terminated:  # the value is complete and a stop token drawn: it ends here
+                tail = seq.matcher.feed(seq.decoder.flush()) + seq.matcher.finish()
+                self._finish(seq, "stop", None, tail)
+                return
         if tok in self.eos_ids and not p.ignore_eos:
             self._finish(seq, "stop", None, seq.matcher.feed(seq.decoder.flush()) + seq.matcher.finish())
             return

@@ -18,7 +18,7 @@ from llmadapter.protocol.messages import (
     Tool,
     ToolCall,
 )
-from llmadapter.protocol.optional import StreamOptions
+from llmadapter.protocol.optional import JsonSchemaFormat, ResponseFormat, StreamOptions
 from llmadapter.protocol.requests import (
     MAX_N,
     MAX_STOP_SEQUENCES,
@@ -40,7 +40,9 @@ from llmadapter.protocol.responses import (
     CompletionChunk,
     CompletionLogprobs,
     CompletionResponse,
+    DeltaFunction,
     DeltaMessage,
+    DeltaToolCall,
     EmbeddingData,
     EmbeddingResponse,
     EmbeddingUsage,
@@ -82,7 +84,9 @@ __all__ = [
     "CompletionLogprobs",
     "CompletionRequest",
     "CompletionResponse",
+    "DeltaFunction",
     "DeltaMessage",
+    "DeltaToolCall",
     "DetokenizeRequest",
     "DetokenizeResponse",
     "EmbeddingData",
@@ -95,12 +99,14 @@ __all__ = [
     "FinishReason",
     "FunctionCall",
     "FunctionDefinition",
+    "JsonSchemaFormat",
     "ModelCard",
     "ModelList",
     "PromptLogprob",
     "PromptLogprobs",
     "RefusalContentPart",
     "RequestT",
+    "ResponseFormat",
     "StreamOptions",
     "TextContentPart",
     "TokenLogprob",

@@ -1,11 +1,11 @@
 """The spec's optional request fields that ask for behaviour this server lacks: their types, and the one
 table of the values that ask for nothing (accepted) against what every other value would ask for (400).
 
-A field a client sends at its no-op value (`store: false`, `modalities: ["text"]`,
-`response_format: {"type": "text"}`) is accepted; a value that asks for storage, audio, structured output
-or web search is refused with `unsupported_value`, naming the field. Fields that are only hints about
-OpenAI's own infrastructure (`service_tier`, `prompt_cache_key`, `metadata`, `prediction`, ...) change
-nothing in an answer and are accepted with their spec types.
+A field a client sends at its no-op value (`store: false`, `modalities: ["text"]`) is accepted; a value
+that asks for storage, audio or web search is refused with `unsupported_value`, naming the field.
+`response_format` (its types are here) is enforced by constrained decoding (llmadapter.engine.grammar).
+Fields that are only hints about OpenAI's own infrastructure (`service_tier`, `prompt_cache_key`,
+`metadata`, `prediction`, ...) change nothing in an answer and are accepted with their spec types.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, StringConstraints
+from pydantic import ConfigDict, Field, StringConstraints, model_validator
 
 from llmadapter.protocol.base import WireRequest, unsupported
 from llmadapter.protocol.messages import TextContentPart
@@ -25,9 +25,34 @@ class StreamOptions(WireRequest):
     include_obfuscation: bool | None = None
 
 
+class JsonSchemaFormat(WireRequest):
+    """`response_format.json_schema`: the spec's fields; the schema is checked by the engine (its grammar
+    engine says which keywords it enforces)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: Annotated[str, StringConstraints(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(WireRequest):
+    """`text` (free), `json_object` (any JSON object) or `json_schema` (a value of the given schema)."""
+
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("'json_schema' is required with type 'json_schema', and only with it")
+        return self
+
+    def schema_of(self) -> dict[str, Any] | None:
+        """The JSON schema the answer must match (None: free text)."""
+        if self.type == "json_object":
+            return {"type": "object"}
+        return self.json_schema.json_schema if self.json_schema is not None else None
 
 
 class Prediction(WireRequest):
@@ -61,7 +86,6 @@ def _never(value: Any) -> bool:
 NO_OP_VALUES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "store": (lambda v: v is False, "storing the completion for distillation or evals"),
     "modalities": (lambda v: v == ["text"], "output modalities other than text"),
-    "response_format": (lambda v: v.type == "text", "structured output (json_object / json_schema)"),
     "verbosity": (lambda v: v == "medium", "a verbosity other than the default 'medium'"),
     "audio": (_never, "audio output"),
     "moderation": (_never, "moderation of the input and output"),

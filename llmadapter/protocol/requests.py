@@ -70,6 +70,8 @@ class _SamplingFields(WireRequest):
     prompt_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     # vLLM: keep the last k prompt tokens; -1 keeps as many as fit the context window.
     truncate_prompt_tokens: Annotated[int, Field(ge=-1)] | None = None
+    # The spec's structured output on chat; vLLM's field of the same shape on completions.
+    response_format: ResponseFormat | None = None
 
     @field_validator("stop")
     @classmethod
@@ -169,7 +171,7 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
-    parallel_tool_calls: bool | None = None  # no answer holds more than one call: true and false hold
+    parallel_tool_calls: bool | None = None  # false: at most one call per answer (constrained calls)
     functions: Annotated[list[FunctionDefinition], Field(min_length=1, max_length=128)] | None = None
     function_call: FunctionCallChoice | None = None
     # -- the spec's optional fields (llmadapter.protocol.optional says which values are accepted) --
@@ -179,7 +181,6 @@ class ChatCompletionRequest(_SamplingFields):
     modalities: list[Literal["text", "audio"]] | None = None
     verbosity: Literal["low", "medium", "high"] | None = None
     reasoning_effort: ReasoningEffort | None = None  # the chat template decides (engine.formats)
-    response_format: ResponseFormat | None = None
     audio: dict[str, Any] | None = None
     moderation: dict[str, Any] | None = None
     web_search_options: dict[str, Any] | None = None
@@ -193,7 +194,7 @@ class ChatCompletionRequest(_SamplingFields):
     add_generation_prompt: bool | None = None
     continue_final_message: bool | None = None
 
-    @field_validator("store", "modalities", "verbosity", "response_format", "audio", "moderation")
+    @field_validator("store", "modalities", "verbosity", "audio", "moderation")
     @classmethod
     def _no_op_only(cls, value: Any, info: ValidationInfo) -> Any:
         return check_no_op(str(info.field_name), value)
@@ -202,6 +203,29 @@ class ChatCompletionRequest(_SamplingFields):
     @classmethod
     def _no_web_search(cls, value: Any) -> Any:
         return check_no_op("web_search_options", value)
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _check_tool_choice(cls, value: ToolChoice | None, info: ValidationInfo) -> ToolChoice | None:
+        if value in (None, "none", "auto"):
+            return value
+        if not info.data.get("tools"):
+            raise ValueError("'tool_choice' asks for a tool call and the request gives no 'tools'")
+        if not isinstance(value, dict):
+            return value
+        named = value.get("function") if value.get("type") == "function" else None
+        if (
+            not isinstance(named, dict)
+            or not isinstance(named.get("name"), str)
+            or set(value) - {"type", "function"}
+        ):
+            raise ValueError(
+                'give "none", "auto", "required" or {"type": "function", "function": {"name": ...}}'
+            )
+        defined = [tool.function.name for tool in info.data.get("tools") or []]
+        if named["name"] not in defined:
+            raise ValueError(f"function '{named['name']}' is not one of the request's tools ({defined})")
+        return value
 
     @field_validator("max_completion_tokens")
     @classmethod

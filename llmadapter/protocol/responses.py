@@ -100,10 +100,24 @@ class ChatCompletionResponse(WireResponse):
     prompt_logprobs: PromptLogprobs | None = None
 
 
+class DeltaFunction(WireResponse):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(WireResponse):
+    """A streamed tool call's piece: the first carries id, type and name; later ones argument text."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunction
+
+
 class DeltaMessage(WireResponse):
     role: Literal["assistant"] | None = None
     content: str | None = None
-    tool_calls: list[ToolCall] | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(WireResponse):

@@ -9,6 +9,7 @@ predictions and decides which checks run for which task.
 from __future__ import annotations
 
 import base64
+import json
 import math
 import statistics
 from collections.abc import Callable, Mapping, Sequence
@@ -94,8 +95,53 @@ def check_load(loaded: Loaded, fresh_process: bool) -> CheckResult:
     )
 
 
-def check_sample(sample: ValidationSample, answer: Answer) -> CheckResult:
-    """A valid OpenAI answer, with `n` choices, containing the expected text."""
+def _structure_problems(
+    request: Mapping[str, Any],
+    choice: ChatChoice | CompletionChoice,
+    default_format: Mapping[str, Any] | None,
+) -> list[str]:
+    """What a choice breaks of the request's response_format (else model_config's) or its tools: an
+    answer that does not validate against the schema, a tool call whose arguments do not validate
+    against the tool's parameters. A choice cut at max_tokens ("length") is incomplete by design."""
+    import jsonschema
+
+    if choice.finish_reason == "length":
+        return []
+    fmt = request.get("response_format") or default_format or {}
+    schema = {"json_object": {"type": "object"}}.get(str(fmt.get("type")))
+    if fmt.get("type") == "json_schema":
+        schema = (fmt.get("json_schema") or {}).get("schema", {})
+    calls = choice.message.tool_calls if isinstance(choice, ChatChoice) else None
+    if calls:
+        tools = request.get("tools") or [{"function": f} for f in request.get("functions") or []]
+        params = {t["function"]["name"]: t["function"].get("parameters") or {} for t in tools}
+        problems = []
+        for call in calls:
+            if call.function.name not in params:
+                problems.append(f"a call of '{call.function.name}', which is not one of the tools")
+                continue
+            try:
+                jsonschema.validate(json.loads(call.function.arguments), params[call.function.name])
+            except (ValueError, jsonschema.ValidationError) as exc:
+                problems.append(
+                    f"'{call.function.name}' arguments do not validate: {str(exc).splitlines()[0]}"
+                )
+        return problems
+    if schema is None:
+        return []
+    text = choice_text(choice)
+    try:
+        jsonschema.validate(json.loads(text), schema)
+    except (ValueError, jsonschema.ValidationError) as exc:
+        return [f"the answer does not match response_format: {str(exc).splitlines()[0]}: {text[:80]!r}"]
+    return []
+
+
+def check_sample(
+    sample: ValidationSample, answer: Answer, default_format: Mapping[str, Any] | None = None
+) -> CheckResult:
+    """A valid OpenAI answer, with `n` choices, containing the expected text; with response_format or
+    tools, every choice validates against the schema or the called tool's parameters."""
     name, latency = f"sample:{sample.name}", answer.outcome.latency_s
     if answer.response is None:
         return CheckResult.of(name, [str(answer.problem)], "", latency)
@@ -103,6 +149,9 @@ def check_sample(sample: ValidationSample, answer: Answer) -> CheckResult:
     n = int(sample.request.get("n") or 1)
     if isinstance(answer.response, Generation) and len(answer.response.choices) != n:
         problems.append(f"{len(answer.response.choices)} choices for n={n}")
+    if isinstance(answer.response, Generation):
+        for choice in answer.response.choices:
+            problems += _structure_problems(sample.request, choice, default_format)
     found = texts(answer.response)
     if sample.expect is not None and not any(sample.expect in t for t in found):
         problems.append(f"answer does not contain {sample.expect!r}: {found!r}")

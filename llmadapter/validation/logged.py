@@ -19,8 +19,11 @@ def _colspec_dict(spec: Any) -> dict[str, Any]:
 
 
 def check_signature(logged: Any, task: str) -> CheckResult:
-    """The logged signature holds every field of MLflow's own llm/v1 signature, same type/requiredness."""
+    """The logged signature holds every field of MLflow's own llm/v1 signature, same type/requiredness
+    (or, for the fields the catalog widens, our wider type)."""
     from mlflow.transformers.llm_inference_utils import _SIGNATURE_FOR_LLM_INFERENCE_TASK
+
+    from llmadapter.catalog import WIDENED_FIELDS, widened_colspec
 
     native = _SIGNATURE_FOR_LLM_INFERENCE_TASK.get(task)
     if native is None:
@@ -38,6 +41,9 @@ def check_signature(logged: Any, task: str) -> CheckResult:
             got = have.get(want.name)
             if got is None:
                 problems.append(f"{part}.{want.name} missing")
+            elif part == "inputs" and want.name in WIDENED_FIELDS:
+                if _colspec_dict(got) not in (_colspec_dict(want), _colspec_dict(widened_colspec(want.name))):
+                    problems.append(f"{part}.{want.name} is {_colspec_dict(got)}, neither MLflow's nor ours")
             elif _colspec_dict(got) != _colspec_dict(want):
                 problems.append(
                     f"{part}.{want.name} is {_colspec_dict(got)}, MLflow has {_colspec_dict(want)}"

@@ -148,7 +148,8 @@ def run_checks(
 ) -> list[CheckResult]:
     """Each sample's check, then the task's checks over the answers (the first sample is the greedy one)."""
     answered = [(sample, ask(sample.request)) for sample in samples]
-    sample_checks = [r for s, a in answered for r in guard(f"sample:{s.name}", check_sample, s, a)]
+    fmt = facts.default_response_format
+    sample_checks = [r for s, a in answered for r in guard(f"sample:{s.name}", check_sample, s, a, fmt)]
     evidence = Evidence(
         spec=spec,
         samples=tuple(samples),

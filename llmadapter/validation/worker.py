@@ -63,6 +63,7 @@ class ModelFacts(BaseModel):
     task: str | None = None
     context_window: int | None = None
     default_stops: list[str] = Field(default_factory=list)  # the model_config's, applied to every request
+    default_response_format: dict[str, Any] | None = None  # the model_config's, for requests without one
 
 
 class Loaded(BaseModel):
@@ -115,10 +116,12 @@ def read_facts(loaded: Any) -> ModelFacts:
     task = getattr(engine, "inference_task", None)
     window = getattr(engine, "context_window", None)
     stops = getattr(getattr(engine, "config", None), "stop", None)
+    fmt = getattr(getattr(engine, "config", None), "response_format", None)
     return ModelFacts(
         task=task if isinstance(task, str) else None,
         context_window=window if isinstance(window, int) and window > 0 else None,
         default_stops=list(stops) if isinstance(stops, list | tuple) else [],
+        default_response_format=fmt if isinstance(fmt, dict) else None,
     )
 
 

@@ -290,20 +290,20 @@ def test_top_k_one_and_tiny_top_p_equal_greedy(sampled: GenerationEngine) -> Non
     assert run(sampled, top_p=1e-6, max_tokens=10).choices[0].message.content == greedy
 
 
-def test_tools_need_a_template_that_renders_them(chat: GenerationEngine, bos: GenerationEngine) -> None:
+def test_tools_are_rendered_by_the_template_or_the_generic_prompt(
+    chat: GenerationEngine, bos: GenerationEngine
+) -> None:
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
-    with pytest.raises(InvalidRequestError) as info:
-        run(chat, tools=tools)
-    assert info.value.param == "tools"
     messages = [{"role": "user", "content": "Hello there"}]
     with_tools = run(bos, messages=messages, tools=tools, max_tokens=1)
     expected = template_ids(bos, messages, tools=tools)
     assert with_tools.usage.prompt_tokens == len(expected) > len(template_ids(bos, messages))
-    # tool_choice "none" renders no tools, so even a template without tools support is fine.
-    assert run(chat, tools=tools, tool_choice="none", max_tokens=1).choices
-    with pytest.raises(InvalidRequestError) as info:
-        run(bos, messages=messages, tools=tools, tool_choice="required")
-    assert info.value.param == "tool_choice"
+    # A template without tools gets them in a system message (llama.cpp's generic format).
+    generic = run(chat, messages=messages, tools=tools, max_tokens=1)
+    assert generic.usage.prompt_tokens > len(template_ids(chat, messages)) + 20
+    # tool_choice "none" renders no tools.
+    none = run(chat, messages=messages, tools=tools, tool_choice="none", max_tokens=1)
+    assert none.usage.prompt_tokens == len(template_ids(chat, messages))
 
 
 # --- streaming ------------------------------------------------------------------------------------

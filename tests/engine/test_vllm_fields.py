@@ -255,9 +255,9 @@ def test_deprecated_functions_render_like_tools(bos_model: Path) -> None:
             == as_tools.usage.prompt_tokens
             > run(engine, max_tokens=1).usage.prompt_tokens
         )
-        with pytest.raises(InvalidRequestError) as info:
-            run(engine, functions=[weather], function_call={"name": "get_weather"})
-        assert info.value.param == "function_call"
+        # A named function_call is a forced call, as a named tool_choice is.
+        forced = run(engine, functions=[weather], function_call={"name": "get_weather"}, max_tokens=80)
+        assert forced.choices[0].message.tool_calls[0].function.name == "get_weather"
     finally:
         engine.close()
 

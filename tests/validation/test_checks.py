@@ -19,6 +19,8 @@ from llmadapter.protocol import (
     EmbeddingData,
     EmbeddingResponse,
     EmbeddingUsage,
+    FunctionCall,
+    ToolCall,
     Usage,
 )
 from llmadapter.validation import CheckResult, ValidationSample
@@ -380,3 +382,48 @@ def test_check_latency(
 
     _judged(result, problem)
     assert problem is not None or result.detail.startswith("p50 0.200 s, max 0.300 s over 2 samples")
+
+
+SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+FORMAT = {"type": "json_schema", "json_schema": {"name": "n", "schema": SCHEMA}}
+TOOLS = [{"type": "function", "function": {"name": "count", "parameters": SCHEMA}}]
+
+
+def called(arguments: str, name: str = "count") -> Any:
+    call = ToolCall(id="call_1", function=FunctionCall(name=name, arguments=arguments))
+    message = AssistantMessage(content=None, tool_calls=[call])
+    usage = Usage(prompt_tokens=3, completion_tokens=1, total_tokens=4)
+    choice = ChatChoice(index=0, message=message, finish_reason="tool_calls")
+    return ChatCompletionResponse(model="m", choices=[choice], usage=usage)
+
+
+@pytest.mark.parametrize(
+    ("given", "answer", "default", "problem"),
+    [
+        (sample(response_format=FORMAT), typed(chat('{"n": 3}')), None, None),
+        (sample(response_format=FORMAT), typed(chat('{"n": "3"}')), None, "does not match response_format"),
+        (sample(response_format=FORMAT), typed(chat('{"n": ', finish="length")), None, None),
+        (sample(response_format={"type": "json_object"}), typed(chat("[1]")), None, "does not match"),
+        (sample(), typed(chat('{"m": 1}')), FORMAT, "does not match response_format"),
+        (sample(tools=TOOLS), typed(called('{"n": 1}')), None, None),
+        (sample(tools=TOOLS), typed(called('{"n": true}')), None, "'count' arguments do not validate"),
+        (sample(tools=TOOLS), typed(called("{}", name="other")), None, "not one of the tools"),
+    ],
+    ids=[
+        "valid",
+        "invalid",
+        "cut-at-length",
+        "not-an-object",
+        "model-config-default",
+        "call",
+        "bad-call",
+        "unknown-tool",
+    ],
+)
+def test_check_sample_validates_structured_answers(
+    given: ValidationSample, answer: Answer, default: dict[str, Any] | None, problem: str | None
+) -> None:
+    result = check_sample(given, answer, default)
+    _judged(result, problem)
+    if problem:
+        assert problem in result.detail
