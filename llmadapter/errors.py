@@ -11,7 +11,9 @@ LLMAdapterError                    500  server_error
 ├── GenerationError                500  server_error            (the model failed; HTTP shows a log ref)
 ├── ConfigError                    400  invalid_request_error   (bad model_config / log arguments)
 ├── ModelSourceError               400  invalid_request_error   (a source that cannot be resolved)
-└── ValidationFailedError          422  validation_error        (a logged model failed validation)
+├── ValidationFailedError          422  validation_error        (a logged model failed validation)
+├── EvaluationError                400  invalid_request_error   (a bad evaluation set, scorer or judge)
+└── QualityGateError               422  validation_error        (a version below the quality gate)
 """
 
 from __future__ import annotations
@@ -83,6 +85,16 @@ class ModelSourceError(LLMAdapterError):
 
 
 class ValidationFailedError(LLMAdapterError):
+    status_code = 422
+    error_type = "validation_error"
+
+
+class EvaluationError(LLMAdapterError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class QualityGateError(LLMAdapterError):
     status_code = 422
     error_type = "validation_error"
 
