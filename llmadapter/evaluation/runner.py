@@ -55,21 +55,27 @@ def _task_of(model_uri: str) -> str:
     return task
 
 
-def prepare_evaluation(options: QualityOptions, model_uris: Sequence[str]) -> EvaluationPlan:
-    """Read and check the set, the scorers (against the models' task and the rows) and the judge.
+def prepare_evaluation(
+    options: QualityOptions, model_uris: Sequence[str] = (), *, task: str | None = None
+) -> EvaluationPlan:
+    """Read and check the set, the scorers (against the task and the rows) and the judge.
 
-    Only the models' metadata is read (nothing loads): every bad input fails here, with EvaluationError.
+    The task is `task`, else the one the models' metadata names (they must agree); nothing loads, so
+    every bad input fails here, with EvaluationError, before any model is loaded.
     """
     dataset = load_dataset(options.dataset).sample(options.sample_size, options.seed)
     tasks = {uri: _task_of(uri) for uri in model_uris}
+    if task is not None:
+        tasks["the task given"] = task
+    if not tasks:
+        raise ValueError("prepare_evaluation needs model_uris or task")
     if len(set(tasks.values())) > 1:
         raise EvaluationError(f"the versions compared answer different tasks: {tasks}.", param="model")
     task = next(iter(tasks.values()))
     for row in dataset.rows:
         _check_row_for_task(row, task)
-    return EvaluationPlan(
-        options, dataset, task, build_scorers(options.scorers, dataset, task, options.judge)
-    )
+    scorers = build_scorers(options.scorers, dataset, task, options.judge)
+    return EvaluationPlan(options, dataset, task, scorers)
 
 
 def _check_row_for_task(row: EvaluationRow, task: str) -> None:
