@@ -189,11 +189,11 @@ def decide(
             if spec.max_regression is not None and high < -spec.max_regression:
                 passed = False
                 reasons.append(
-                    f"worse than the champion by {-diff:.3f}: the whole interval is below "
-                    f"-{spec.max_regression:.3f}"
+                    f"worse than the champion by {-diff:.3f}: the whole interval is below the allowed "
+                    f"regression {spec.max_regression:.3f}"
                 )
             elif spec.max_regression is not None and diff < 0:
-                reasons.append(f"{diff:+.3f} vs the champion is within the interval's noise or allowance")
+                reasons.append(f"{diff:+.3f} vs the champion: within the interval's noise or the allowance")
         if passed and not reasons:
             reasons.append("above the minimum" if spec.min_score is not None else "no minimum set")
         outcomes.append(
