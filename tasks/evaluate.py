@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
@@ -36,7 +36,17 @@ def prepare_quality(
 def evaluate_version(plan: EvaluationPlan, model_uri: str, model_name: str) -> ModelEvaluation:
     """One version's answers (fresh process, one batch) scored in an MLflow evaluation run."""
     tags = owner_tags(model_name, current_owner())
-    return evaluate_model(plan, model_uri, run_name=f"evaluate {model_uri}", tags=tags)
+    result = evaluate_model(plan, model_uri, run_name=f"evaluate {model_uri}", tags=tags)
+    get_run_logger().info(
+        "Evaluation run %s: %s on %d rows (%.2f rows/s, %d failed predictions): %s",
+        result.run_id,
+        model_uri,
+        result.rows,
+        result.rows_per_s,
+        result.failed_predictions,
+        ", ".join(f"{name} {mean:.3f}" for name, mean in result.means.items()),
+    )
+    return result
 
 
 @task(name="quality-gate", cache_policy=NO_CACHE)

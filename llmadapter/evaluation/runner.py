@@ -9,6 +9,7 @@ the evaluation set logged as the run's dataset input (its name, source and diges
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import os
@@ -253,9 +254,11 @@ def evaluate_model(
                 "judge_model": plan.options.judge.model if plan.options.judge else "-",
             }
         )
-        result = mlflow.genai.evaluate(
-            data=frame, scorers=[s.scorer for s in plan.scorers], model_id=model_id
-        )
+        # evaluate() writes a banner in terminal colours to stdout; the callers report the run themselves.
+        with contextlib.redirect_stdout(io.StringIO()):
+            result = mlflow.genai.evaluate(
+                data=frame, scorers=[s.scorer for s in plan.scorers], model_id=model_id
+            )
         scores = read_scores(result.result_df, plan.scorers, model_uri)
         means = {name: sum(v) / len(v) for name, v in scores.items()}
         mlflow.log_metrics(
