@@ -35,6 +35,7 @@ bench: setup
 	$(BIN)/python bench/serving.py --quick
 	$(BIN)/python bench/flow.py
 	$(BIN)/python bench/observability.py --rounds 3
+	$(BIN)/python bench/evaluation.py
 
 clean:
 	rm -rf .llmadapter .pytest_cache .mypy_cache .ruff_cache
