@@ -40,6 +40,7 @@ bench: setup
 	$(BIN)/python bench/swap.py
 	$(BIN)/python bench/platform_path.py --model tiny
 	$(BIN)/python bench/structured.py --check
+	$(BIN)/python bench/evaluation.py
 
 clean:
 	rm -rf .llmadapter .pytest_cache .mypy_cache .ruff_cache

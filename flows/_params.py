@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from llmadapter.catalog import LLMTask, get_task
 from llmadapter.config import TaskConfig
 from llmadapter.errors import ModelSourceError
+from llmadapter.evaluation import QualityOptions as QualityOptions  # the flows' `quality` parameter
 from llmadapter.source import parse_source
 from tasks.validate import ValidationOptions
 
@@ -55,6 +56,7 @@ class LogAndValidateResult(BaseModel):
     config_hash: str
     aliases: list[str]
     validation: str = Field(description="The validation summary line.")
+    quality: str | None = Field(default=None, description="The quality gate's summary line, when asked.")
 
 
 class ApprovalDecision(BaseModel):
@@ -68,3 +70,5 @@ class ApprovalDecision(BaseModel):
     approver: str | None = None
     comment: str | None = None
     serving: list[str] = Field(default_factory=list, description="Each serving URL's confirmation.")
+    quality: str | None = Field(default=None, description="The quality gate's summary line, when asked.")
+    quality_overridden: bool = False

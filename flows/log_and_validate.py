@@ -10,13 +10,16 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows._params import LogAndValidateResult, default_model_name
+from flows._params import LogAndValidateResult, QualityOptions, default_model_name
 from llmadapter.catalog import LLMTask, get_task
 from llmadapter.config import TaskConfig
+from llmadapter.errors import QualityGateError
+from llmadapter.evaluation import EvaluationPlan, GateResult
 from llmadapter.registry import CHALLENGER, CHAMPION
 from llmadapter.settings import configure_mlflow
 from llmadapter.validation import raise_for_report
 from tasks.download import download_model
+from tasks.evaluate import evaluate_version, prepare_quality, publish_quality, quality_gate
 from tasks.log import end_runs_left_running, log_model_once
 from tasks.register import find_registered_version, get_version, promote_version, register_model, set_alias
 from tasks.validate import ValidationOptions, artifact_key, publish_report, validate_logged_model
@@ -32,6 +35,7 @@ def log_and_validate(
     save_pretrained: bool = True,
     validation: ValidationOptions = ValidationOptions(),
     promote: bool = False,
+    quality: QualityOptions | None = None,
 ) -> LogAndValidateResult:
     """Log a Hugging Face model as an llm/v1 MLflow model, validate it, and register it if it passes.
 
@@ -44,12 +48,16 @@ def log_and_validate(
         save_pretrained: False stores a hub reference instead of the weights (copied in before champion).
         validation: Extra samples and limits for the validation step.
         promote: Also move `champion` to the new version when the promotion gates pass.
+        quality: Minimum scores on an evaluation set, required before registering (below them nothing
+            is registered); the scores are tagged on the version.
     """
     logger = get_run_logger()
     configure_mlflow()
     # Validated once, for the task; the typed config travels on to llmadapter.log_model.
     model_config = get_task(task).parse_config(config)
     chash = model_config.digest()
+    # Every quality setting (set, scorers, judge) is checked before anything is downloaded or loaded.
+    plan = prepare_quality(quality, model_task=task) if quality is not None else None
 
     resolved = download_model(source, revision)
     name = model_name or default_model_name(source, task)
@@ -65,14 +73,19 @@ def log_and_validate(
         )
         created = False
         summary = f"reused; validation {version.tags.get('validation_status', 'unknown')}"
+        gate_summary = _reused_quality(version.tags) if plan is not None else None
     else:
         logged = log_model_once(resolved, task, model_config, save_pretrained, model_name=name)
         report = validate_logged_model(logged.model_uri, validation)
         publish_report(report, logged.run_id, name)
         logger.info("Validation of %s: %s", logged.model_uri, report.summary())
         raise_for_report(report)
+        gate = _quality_minimums(plan, logged.model_uri, name) if plan is not None else None
         version, created = register_model(logged, name, report)
         summary = report.summary()
+        gate_summary = gate.summary() if gate is not None else None
+        if gate is not None:
+            publish_quality(gate, name, version.version)
 
     set_alias(name, CHALLENGER, version.version)
     if promote:
@@ -88,6 +101,7 @@ def log_and_validate(
         config_hash=chash,
         aliases=sorted(final.aliases),
         validation=summary,
+        quality=gate_summary,
     )
     what = "Registered" if created else "Reused (already registered)"
     aliases = ", ".join("@" + a for a in result.aliases) or "none"
@@ -100,3 +114,35 @@ def log_and_validate(
         description=f"{name} v{result.version}",
     )
     return result
+
+
+def _quality_minimums(plan: EvaluationPlan, model_uri: str, model_name: str) -> GateResult:
+    """The logged model's scores against the minimums; below them the run fails, nothing registered."""
+    result = quality_gate(plan, evaluate_version(plan, model_uri, model_name), None)
+    get_run_logger().info("Quality of %s: %s", model_uri, result.summary())
+    if not result.passed:
+        markdown = publish_quality(result, model_name)
+        raise QualityGateError(
+            f"{model_uri} is below the quality minimums; nothing was registered.\n\n{markdown}",
+            param="quality",
+            code="quality_gate_failed",
+        )
+    return result
+
+
+def _reused_quality(tags: dict[str, str]) -> str:
+    """What the reused version's tags say of its quality (it is not evaluated again)."""
+    scores = ", ".join(
+        f"{k.removeprefix('quality.')} {v.split()[0]}" for k, v in sorted(tags.items()) if _is_score(k)
+    )
+    gate = tags.get("quality.gate")
+    return f"reused; quality gate {gate}: {scores}" if gate else "reused; never evaluated for quality"
+
+
+def _is_score(tag: str) -> bool:
+    return tag.startswith("quality.") and tag.count(".") == 1 and tag.split(".")[1] not in _GATE_TAGS
+
+
+_GATE_TAGS = frozenset(
+    {"gate", "dataset", "run_id", "compared_with", "judge_model", "override_by", "override_comment"}
+)

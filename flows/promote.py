@@ -11,11 +11,13 @@ from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 from pydantic import ConfigDict, Field, model_validator
 
-from flows._params import ApprovalDecision
-from llmadapter.errors import NotFoundError
+from flows._params import ApprovalDecision, QualityOptions
+from llmadapter.errors import NotFoundError, QualityGateError
+from llmadapter.evaluation import GateResult
 from llmadapter.registry import CHALLENGER, CHAMPION, RegisteredVersion, raise_unless_promotable
 from llmadapter.settings import configure_mlflow
 from llmadapter.validation import SampleAnswer, ValidationSample
+from tasks.evaluate import evaluate_version, prepare_quality, publish_quality, quality_gate, record_override
 from tasks.register import get_alias, get_version, promote_version
 from tasks.serve import confirm_serving
 from tasks.validate import answer_samples, artifact_key
@@ -46,6 +48,31 @@ class ApprovalInput(RunInput):
     def _approval_names_the_approver(self) -> ApprovalInput:
         if self.approve and not self.approver.strip():
             raise ValueError("approver is required when approve is true")
+        return self
+
+
+# When the quality gate failed, approving is an override: the form (and the server, through the schema)
+# refuses approve=true without override_gate=true.
+_OVERRIDE_REQUIRED: dict[str, Any] = {
+    "if": {"properties": {"approve": {"const": True}}, "required": ["approve"]},
+    "then": {"properties": {"override_gate": {"const": True}}, "required": ["override_gate"]},
+}
+
+
+class GateOverrideInput(ApprovalInput):
+    """The approval form after a failed quality gate: approving overrides it, and says so."""
+
+    model_config = ConfigDict(json_schema_extra={"allOf": [_APPROVER_REQUIRED, _OVERRIDE_REQUIRED]})
+
+    override_gate: bool = Field(
+        default=False,
+        description="The quality gate FAILED: promote anyway (who and why are recorded on the version).",
+    )
+
+    @model_validator(mode="after")
+    def _approval_overrides_the_gate(self) -> GateOverrideInput:
+        if self.approve and not self.override_gate:
+            raise ValueError("the quality gate failed: approving needs override_gate=true")
         return self
 
 
@@ -122,6 +149,7 @@ def promote(
     serving_urls: list[str] | None = None,
     serving_timeout_s: int = 300,
     serving_api_key_env: str = "LLMADAPTER_API_KEY",
+    quality: QualityOptions | None = None,
 ) -> ApprovalDecision:
     """Move `alias` (champion) to a version after a person approves it in the Prefect UI.
 
@@ -141,6 +169,8 @@ def promote(
         serving_timeout_s: How long to wait for the servers to switch.
         serving_api_key_env: Name of an environment variable (on the worker) holding the servers' bearer
             key, when they have one.
+        quality: Evaluate both versions on an evaluation set; a failed gate blocks the promotion unless
+            a person overrides it in the form (override_gate, recorded on the version).
     """
     logger = get_run_logger()
     configure_mlflow()
@@ -158,9 +188,18 @@ def promote(
         )
     # Refused before anyone is asked; move_alias checks again at the move (the pause may last hours).
     raise_unless_promotable(candidate, alias)
+    gate = _quality_gate(model_name, candidate, current, quality) if quality is not None else None
     markdown = _publish_comparison(model_name, alias, candidate, current, eval_samples or [])
     serving: list[str] = []
-    decision = _decision(model_name, markdown, alias, require_approval, timeout_s, poll_interval_s)
+    blocked = gate is not None and not gate[0].passed
+    if gate is not None:
+        markdown += "\n" + gate[1]
+        if blocked and not require_approval:
+            raise _blocked(model_name, candidate, alias, gate)
+    form = GateOverrideInput if blocked else ApprovalInput
+    decision = _decision(model_name, markdown, alias, require_approval, timeout_s, poll_interval_s, form=form)
+    if blocked and not decision.approve:
+        raise _blocked(model_name, candidate, alias, gate)  # type: ignore[arg-type]
     if decision.approve:
         result = promote_version(
             model_name, candidate.version, decision.alias, decision.approver, decision.comment or None
@@ -174,6 +213,9 @@ def promote(
             candidate.version,
             " (weights copied into the artifact store first)" if result.persisted_weights else "",
         )
+        if blocked:
+            record_override(model_name, candidate.version, decision.approver, decision.comment)
+            logger.warning("Quality gate overridden by %s: %s", decision.approver, decision.comment or "-")
         if serving_urls:
             confirmed = confirm_serving(
                 model_name, candidate.version, serving_urls, serving_timeout_s, serving_api_key_env
@@ -190,6 +232,34 @@ def promote(
         approver=decision.approver or None,
         comment=decision.comment or None,
         serving=serving,
+        quality=gate[0].summary() if gate is not None else None,
+        quality_overridden=blocked and decision.approve,
+    )
+
+
+def _quality_gate(
+    model_name: str, candidate: RegisteredVersion, current: RegisteredVersion | None, quality: QualityOptions
+) -> tuple[GateResult, str]:
+    """Challenger and champion evaluated on the same rows (each in a fresh process), the gate decided,
+    published (artifacts, version tags); every setting is checked before either model loads."""
+    uris = [candidate.uri] + ([current.uri] if current is not None else [])
+    plan = prepare_quality(quality, uris)
+    challenger = evaluate_version(plan, candidate.uri, model_name)
+    champion = evaluate_version(plan, current.uri, model_name) if current is not None else None
+    result = quality_gate(plan, challenger, champion)
+    get_run_logger().info("%s v%d: %s", model_name, candidate.version, result.summary())
+    return result, publish_quality(result, model_name, candidate.version)
+
+
+def _blocked(
+    model_name: str, candidate: RegisteredVersion, alias: str, gate: tuple[GateResult, str]
+) -> QualityGateError:
+    """The error that fails a blocked promotion: the gate's table, and what did not change."""
+    return QualityGateError(
+        f"{model_name} version {candidate.version} failed the quality gate; @{alias} is unchanged."
+        f"\n\n{gate[1]}",
+        param="quality",
+        code="quality_gate_failed",
     )
 
 
@@ -227,7 +297,13 @@ def _publish_comparison(
 
 
 def _decision(
-    model_name: str, markdown: str, alias: str, require_approval: bool, timeout_s: int, poll_interval_s: int
+    model_name: str,
+    markdown: str,
+    alias: str,
+    require_approval: bool,
+    timeout_s: int,
+    poll_interval_s: int,
+    form: type[ApprovalInput] = ApprovalInput,
 ) -> ApprovalInput:
     """A person's answer to the approval form (the run pauses for it), or the automatic approval."""
     if not require_approval:
@@ -236,7 +312,7 @@ def _decision(
         )
     try:
         answered = pause_flow_run(
-            wait_for_input=ApprovalInput.with_initial_data(description=markdown, alias=alias),
+            wait_for_input=form.with_initial_data(description=markdown, alias=alias),
             timeout=timeout_s,
             poll_interval=poll_interval_s,
         )

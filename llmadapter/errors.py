@@ -12,8 +12,10 @@ LLMAdapterError                    500  server_error
 ├── ConfigError                    400  invalid_request_error   (bad model_config / log arguments)
 ├── ModelSourceError               400  invalid_request_error   (a source that cannot be resolved)
 ├── ValidationFailedError          422  validation_error        (a logged model failed validation)
-└── ArtifactStoreError             503  server_error            (the artifact store is down or refuses us;
-                                                                 names the store; code says which)
+├── ArtifactStoreError             503  server_error            (the artifact store is down or refuses us;
+│                                                                names the store; code says which)
+├── EvaluationError                400  invalid_request_error   (a bad evaluation set, scorer or judge)
+└── QualityGateError               422  validation_error        (a version below the quality gate)
 """
 
 from __future__ import annotations
@@ -100,6 +102,16 @@ class ArtifactStoreError(LLMAdapterError):
     """An artifact store (S3, a tracking server's artifact proxy) failed: llmadapter.artifact_store."""
 
     status_code = 503
+
+
+class EvaluationError(LLMAdapterError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class QualityGateError(LLMAdapterError):
+    status_code = 422
+    error_type = "validation_error"
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from llmadapter.errors import LLMAdapterError
 from llmadapter.processes import die_with_parent
@@ -55,6 +55,9 @@ class Outcome(BaseModel):
     @property
     def error(self) -> str:
         return f"{self.error_type}: {self.message}"
+
+
+_OUTCOMES = TypeAdapter(list[Outcome])
 
 
 class ModelFacts(BaseModel):
@@ -148,6 +151,24 @@ class LoadedModel:
             result = result[0]
         return Outcome(ok=True, response=result, latency_s=latency)
 
+    def predict_batch(self, requests: list[Mapping[str, Any]]) -> list[Outcome]:
+        """All requests in one predict call (one batch for the engine); each row's wall time is the
+        batch's. If the batch fails, each request is predicted alone, so every row gets its own answer
+        or error."""
+        import pandas as pd
+
+        start = time.perf_counter()
+        try:
+            frame = pd.DataFrame([dict(r) for r in requests]).astype(object)
+            raw = self.model.predict(frame.where(frame.notna(), None))
+            latency = time.perf_counter() - start
+            result = _jsonable(raw)
+        except Exception:  # one bad row fails the whole call: answer row by row instead
+            return [self.predict(r) for r in requests]
+        if not (isinstance(result, list) and len(result) == len(requests)):
+            return [self.predict(r) for r in requests]
+        return [Outcome(ok=True, response=r, latency_s=latency) for r in result]
+
 
 def load(model_uri: str) -> tuple[LoadedModel | None, Loaded]:
     """Load a model in this process: the model and what to report, or None and why it did not load."""
@@ -187,7 +208,10 @@ def serve(channel_fd: int, model_uri: str) -> int:
                 request = json.loads(conn.recv_bytes())
             except EOFError:
                 return 0
-            conn.send_bytes(model.predict(request).model_dump_json().encode())
+            if isinstance(request, list):  # a batch: one predict call for all of them
+                conn.send_bytes(_OUTCOMES.dump_json(model.predict_batch(request)))
+            else:
+                conn.send_bytes(model.predict(request).model_dump_json().encode())
 
 
 class Session(Protocol):
@@ -196,6 +220,8 @@ class Session(Protocol):
     loaded: Loaded
 
     def predict(self, request: Mapping[str, Any]) -> Outcome: ...
+
+    def predict_batch(self, requests: list[Mapping[str, Any]]) -> list[Outcome]: ...
 
     def close(self) -> None: ...
 
@@ -209,6 +235,10 @@ class InProcessSession:
     def predict(self, request: Mapping[str, Any]) -> Outcome:
         assert self._model is not None, "predict after a failed load"
         return self._model.predict(request)
+
+    def predict_batch(self, requests: list[Mapping[str, Any]]) -> list[Outcome]:
+        assert self._model is not None, "predict after a failed load"
+        return self._model.predict_batch(requests)
 
     def close(self) -> None:
         pass
@@ -279,6 +309,15 @@ class WorkerSession:
             return gone.outcome
         except OSError:  # the worker is gone (timed out and killed, or exited): nobody reads the request
             return self._exited()
+
+    def predict_batch(self, requests: list[Mapping[str, Any]]) -> list[Outcome]:
+        try:
+            self._conn.send_bytes(json.dumps([dict(r) for r in requests]).encode())
+            return _OUTCOMES.validate_json(self._receive())
+        except _Gone as gone:
+            return [gone.outcome] * len(requests)
+        except OSError:
+            return [self._exited()] * len(requests)
 
     def close(self) -> None:
         self._stop()

@@ -37,6 +37,8 @@ def test_the_main_job_registers_both_models_and_answers_paris(tmp_path: Path, sm
         assert "version 1: @challenger @champion" in block.splitlines()[1]
         assert "validation passed" in block.splitlines()[1]
         assert block.splitlines()[2].startswith("    this run: registered v1: passed:")
+    # The chat model passed the quality gate on the shipped evaluation set before it registered.
+    assert "    quality: quality gate passed on smollm2_basics@" in out
     assert "models:/smollm2-chat@champion answers 'What is the capital of France?':" in out
     assert "The capital of France is Paris." in out
     # Everything stayed under the data dir: MLflow store, artifacts and Prefect's home.
