@@ -52,8 +52,11 @@ def test_the_four_deployments_run_on_a_process_pool_from_this_checkout() -> None
 def test_no_secret_is_templated_into_prefect_yaml() -> None:
     text = (project_root() / "prefect.yaml").read_text()
     templated = re.findall(r"\{\{\s*([^}]+?)\s*\}\}", text)
-    # Only the working directory, resolved from the deploying shell; never blocks, secrets or variables.
-    assert templated == ["$PWD"]
+    # Resolved at deploy time: only the working directory, from the deploying shell; never blocks,
+    # secrets or variables. The promote trigger's parameters are rendered by Prefect from the event
+    # that fires it, at run time: only the event's resource name and payload.
+    assert templated[0] == "$PWD"
+    assert set(templated[1:]) == {"event.resource.name", "event.payload.version"}
     assert not re.search(r"(api[_-]?key|token|password|secret)\s*:", text, re.IGNORECASE)
 
 
