@@ -3,8 +3,6 @@ nightly schedule; what they wrote checked in PostgreSQL and in the bucket, not o
 
 from __future__ import annotations
 
-import json
-import re
 import sys
 import time
 from datetime import UTC
@@ -15,7 +13,7 @@ from uuid import UUID
 import pytest
 
 from llmadapter.processes import free_port, running
-from llmadapter.stack import LocalStack, console_script
+from llmadapter.stack import LocalStack
 from llmadapter.testing import TRAINED_ANSWER, TRAINED_PROMPT, HubCache
 from tests.platform.conftest import HUB_REPO, PROJECT_ROOT
 
@@ -38,6 +36,23 @@ def _wait_for_state(flow_run_id: UUID, wanted: str, timeout_s: float = 300) -> A
             if state in {"FAILED", "CRASHED", "CANCELLED"} or time.monotonic() > deadline:
                 raise AssertionError(f"flow run {flow_run_id} is {state}, not {wanted}")
             time.sleep(0.5)
+
+
+def _triggered_promotion(version: int, timeout_s: float = 300) -> UUID:
+    """The promote flow run that prefect.yaml's trigger started for `version` of NAME."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    promote_runs = FlowFilter(name=FlowFilterName(any_=["promote"]))
+    deadline = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            for run in client.read_flow_runs(flow_filter=promote_runs):
+                params = run.parameters
+                if params.get("model_name") == NAME and str(params.get("version")) == str(version):
+                    return run.id
+            time.sleep(1)
+    raise AssertionError("the deployment trigger started no promotion of the registered version")
 
 
 def _artifact_keys(stack: LocalStack, artifact_location: str) -> set[str]:
@@ -79,19 +94,9 @@ def test_deployments_log_validate_promote_and_serve_on_postgres_and_s3(
     run_keys = _artifact_keys(stack, client.get_run(challenger.run_id).info.artifact_uri)
     assert {"validation/report.json", "validation/report.md"} <= run_keys
 
-    output = stack.run(
-        [
-            console_script("prefect"),
-            "deployment",
-            "run",
-            "promote/default",
-            "--params",
-            json.dumps({"model_name": NAME, "poll_interval_s": 1, "timeout_s": 600}),
-        ]
-    ).stdout
-    match = re.search(r"UUID: ([0-9a-f-]{36})", output)
-    assert match, output
-    flow_run_id = UUID(match.group(1))
+    # prefect.yaml's trigger, on Prefect's PostgreSQL: the registration event started a promotion of the
+    # new version, which waits for a person's approval.
+    flow_run_id = _triggered_promotion(version=1)
     _wait_for_state(flow_run_id, "PAUSED")
     assert not client.get_registered_model(NAME).aliases.get("champion"), "nothing moves before approval"
     resume_flow_run(flow_run_id, run_input={"approve": True, "approver": "platform", "comment": "on s3"})
