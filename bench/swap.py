@@ -10,8 +10,10 @@ Printed, all from one run:
 
 - failed requests (target 0);
 - p50 / p99 latency in the 10 s around each move vs the 10 s before it (target: p99 <= 2x steady);
-- time from the alias move to the first answer by the new version (X-LLMAdapter-Model-Version), against
-  the version's load + warm time read from the server's log (target with webhooks: <= load + 1 s).
+- time from the alias move to the switch (the server's /v1/models card names the new version) and to
+  the first answer by the new version (X-LLMAdapter-Model-Version; it includes that request's own
+  latency), against the version's load + warm time from the server's log (target with webhooks: switch
+  <= load + 1 s).
 """
 
 from __future__ import annotations
@@ -115,6 +117,7 @@ def _llmadapter_serve(root: Path, tracking: str, port: int, poll_s: float, tag: 
 class Answers:
     records: list[tuple[float, float, str]] = field(default_factory=list)  # (end, latency, version)
     failures: list[str] = field(default_factory=list)
+    switches: list[tuple[float, str]] = field(default_factory=list)  # (when /v1/models changed, version)
 
 
 async def _client(url: str, tokens: int, answers: Answers, stop: asyncio.Event) -> None:
@@ -138,6 +141,23 @@ async def _client(url: str, tokens: int, answers: Answers, stop: asyncio.Event) 
                 answers.failures.append(f"{type(exc).__name__}: {exc}")
 
 
+async def _watch(url: str, answers: Answers, stop: asyncio.Event) -> None:
+    """When the server switches: its /v1/models card, read every 50 ms."""
+    import httpx
+
+    async with httpx.AsyncClient(timeout=10) as http:
+        seen = None
+        while not stop.is_set():
+            try:
+                version = (await http.get(f"{url}/v1/models/{NAME}")).json().get("version")
+            except Exception:
+                version = None
+            if version is not None and version != seen:
+                answers.switches.append((time.monotonic(), version))
+                seen = version
+            await asyncio.sleep(0.05)
+
+
 def _quantiles(latencies: list[float]) -> tuple[float, float]:
     if len(latencies) < 2:
         return (latencies[0], latencies[0]) if latencies else (float("nan"), float("nan"))
@@ -158,6 +178,7 @@ async def _phase(
     answers = Answers()
     stop = asyncio.Event()
     tasks = [asyncio.create_task(_client(url, tokens, answers, stop)) for _ in range(clients)]
+    tasks.append(asyncio.create_task(_watch(url, answers, stop)))
     moves: list[tuple[float, str]] = []
     await asyncio.sleep(WINDOW_S)  # steady state before the first move
     for target in (versions[1], versions[0]):
@@ -184,9 +205,12 @@ def _report(how: str, answers: Answers, moves: list[tuple[float, str]], loads: l
         ]
         p50, p99 = _quantiles(around)
         firsts = [end for end, _, v in answers.records if v == target and end >= moved]
-        switch = (min(firsts) - moved) if firsts else float("nan")
+        first = (min(firsts) - moved) if firsts else float("nan")
+        seen = [t for t, v in answers.switches if v == target and t >= moved]
+        switch = (min(seen) - moved) if seen else float("nan")
         print(
-            f"  -> v{target}: first answer {switch:.2f} s after the move (load + warm {load:.2f} s); "
+            f"  -> v{target}: switched {switch:.2f} s after the move (load + warm {load:.2f} s), first "
+            f"answer by it {first:.2f} s after; "
             f"10 s around it: p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms "
             f"({p99 / p99_s:.2f}x steady p99)"
         )
