@@ -30,14 +30,12 @@ from typing import Any, Literal
 from llmadapter.engine.base import Engine
 from llmadapter.errors import LLMAdapterError, NotFoundError
 from llmadapter.names import registered_name
+from llmadapter.registry import TAG_TASK, TAG_VALIDATION
 from llmadapter.server.served import ServedModels
 
 log = logging.getLogger("llmadapter.swap")
 
 Strategy = Literal["overlap", "drain"]
-# The registry tags read before a version is loaded (llmadapter.registry writes them).
-_TAG_VALIDATION = "validation_status"
-_TAG_TASK = "task"
 # A request as small as a task allows: it proves the engine generates (or embeds) before it serves.
 _SMOKE: dict[str, dict[str, Any]] = {
     "llm/v1/chat": {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 1},
@@ -180,10 +178,10 @@ class Swapper:
 
     def refusal(self, target: Target) -> str | None:
         """Why `target` must not be served here, from its registry tags (None: it may be)."""
-        if target.tags.get(_TAG_VALIDATION) == "failed":
-            return f"version {target.version}: its validation failed (tag {_TAG_VALIDATION}=failed)"
+        if target.tags.get(TAG_VALIDATION) == "failed":
+            return f"version {target.version}: its validation failed (tag {TAG_VALIDATION}=failed)"
         engine = self.served.engines.get(self.name)
-        task = target.tags.get(_TAG_TASK)
+        task = target.tags.get(TAG_TASK)
         if engine is not None and task and task != engine.inference_task:
             return f"version {target.version} serves {task}, this name serves {engine.inference_task}"
         return None

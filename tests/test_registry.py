@@ -15,6 +15,7 @@ from llmadapter import registry
 from llmadapter.errors import NotFoundError, ValidationFailedError
 from llmadapter.testing import HubCache
 from llmadapter.validation import CheckResult, ValidationReport
+from tests.conftest import shared_store
 
 CHAT = "llm/v1/chat"
 
@@ -25,18 +26,10 @@ def _report(uri: str, status: str = "passed") -> ValidationReport:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def store(tmp_path_factory: pytest.TempPathFactory, _mlflow_db_template: Path) -> Iterator[str]:
     """One SQLite store for the module (creating MLflow's tables costs seconds); tests use own names."""
-    root = tmp_path_factory.mktemp("registry")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setenv("MLFLOW_REGISTRY_URI", uri)
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
-        mlflow.set_experiment(experiment_id=mlflow.create_experiment("registry", (root / "art").as_uri()))
+    with shared_store(tmp_path_factory.mktemp("registry"), _mlflow_db_template, "registry") as uri:
         yield uri
-        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
