@@ -82,6 +82,15 @@ class ModelConfig(StoredConfig):
     context_window: Annotated[
         int | None, Field(ge=1, description="Override the model's context window (tokens).")
     ] = None
+    prefix_cache_mb: Annotated[
+        int,
+        Field(
+            ge=0,
+            le=1_048_576,
+            description="Memory for the KV cache of prompt prefixes reused by later requests (MiB); 0 turns "
+            "prefix caching off.",
+        ),
+    ] = 256
 
     response_format: dict[str, Any] | None = Field(
         default=None,

@@ -28,6 +28,9 @@ class EngineStats:
     running: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of those, tokens whose KV the cache held
+    prefix_cache_bytes: int = 0  # keys and values the prefix cache holds now
     batch_sizes: list[int] = field(default_factory=list)  # one entry per forward step, trimmed
 
     def record_batch(self, size: int) -> None:

@@ -43,6 +43,7 @@ from llmadapter.protocol import (
     FunctionCall,
     PromptLogprob,
     PromptLogprobs,
+    PromptTokensDetails,
     ResponseFormat,
     TokenLogprob,
     ToolCall,
@@ -112,12 +113,22 @@ class Job:
     def prompt_tokens(self) -> int:
         return sum(len(p) for p in self.prompts)
 
+    cache_prefixes: bool = False  # the engine has a prefix cache: usage reports cached_tokens
+
     def usage(self) -> Usage:
         completion = sum(len(s.generated) for s in self.seqs)
+        details = None
+        if self.cache_prefixes:
+            # Per prompt, as prompt_tokens counts each prompt once: its first choice's reuse (the n > 1
+            # copies share that prefill).
+            n = self.params.n
+            cached = sum(s.cached_tokens for s in self.seqs if s.choice_index % n == 0)
+            details = PromptTokensDetails(cached_tokens=cached)
         return Usage(
             prompt_tokens=self.prompt_tokens,
             completion_tokens=completion,
             total_tokens=self.prompt_tokens + completion,
+            prompt_tokens_details=details,
         )
 
     def raise_error(self) -> None:

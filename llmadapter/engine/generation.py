@@ -6,6 +6,7 @@ What differs between chat and completions (prompt, response, chunks, logprobs) i
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -35,6 +36,8 @@ from llmadapter.protocol import (
     now,
 )
 from llmadapter.request_context import add_work, current_id
+
+log = logging.getLogger(__name__)
 
 _GEN_REQUESTS = tuple(f.request_model for f in FORMATS.values())
 
@@ -96,7 +99,14 @@ class GenerationEngine(Engine):
             max_batch_size=config.max_batch_size,
             max_queue=max_queue,
             stats=self.stats,
+            prefix_cache_bytes=config.prefix_cache_mb * 2**20,
         )
+        if self.scheduler.prefix_cache_unsupported:
+            log.info(
+                "prefix caching is off for %s: its cache layers (sliding window or hybrid) cannot take a "
+                "cached prefix",
+                model_name,
+            )
 
     @property
     def context_window(self) -> int:
@@ -148,6 +158,7 @@ class GenerationEngine(Engine):
                 param="n" if params.n > 1 else what,
             )
         job = Job(req, params, prompts, texts, new_id(self._format.id_prefix), now(), parser=structure.parser)
+        job.cache_prefixes = self.scheduler.prefix_cache.enabled
         if structure.constraint is not None:
             job.grammar = self.grammars.compile(structure.constraint, structure.param)
         return job

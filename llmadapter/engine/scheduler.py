@@ -21,6 +21,7 @@ import torch
 from llmadapter.config import GenerationParams
 from llmadapter.engine.base import EngineStats, WorkerThread
 from llmadapter.engine.logprobs import PromptToken, score_prompt
+from llmadapter.engine.prefix_cache import Hit, PrefixCache
 from llmadapter.engine.sampling import RowSampler, choose_tokens
 from llmadapter.engine.stops import IncrementalDecoder, StopMatcher
 from llmadapter.engine.timing import SequenceTimes
@@ -59,6 +60,7 @@ class Sequence:
     prompt_logprobs: list[PromptToken] | None = None  # when params.prompt_logprobs asks for them
     times: SequenceTimes = field(default_factory=SequenceTimes)
     request_id: str = "-"  # the server's X-Request-Id ("-": none), for the engine's own log lines
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
     @property
     def text(self) -> str:
@@ -118,6 +120,7 @@ class Scheduler:
         max_batch_size: int,
         max_queue: int,
         stats: EngineStats,
+        prefix_cache_bytes: int = 0,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -131,6 +134,13 @@ class Scheduler:
         # transformers renamed `past_key_values` to `cache` (5.x); pass whichever this version takes.
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        # Cached prefixes are spliced into a fresh DynamicCache: only for models whose every layer is a
+        # plain DynamicLayer (not sliding-window or hybrid layers, whose cache keeps only part).
+        from transformers import DynamicCache
+
+        plain = _mergeable(DynamicCache(config=model.config))
+        self.prefix_cache = PrefixCache(prefix_cache_bytes if plain else 0)
+        self.prefix_cache_unsupported = prefix_cache_bytes > 0 and not plain
         self._waiting: deque[Sequence] = deque()
         self._batch = _Batch()
         self._cv = threading.Condition()
@@ -167,6 +177,7 @@ class Scheduler:
             self._closed = True
             self._cv.notify()
         self._worker.join()
+        self.prefix_cache.clear()
 
     # -- loop ---------------------------------------------------------------------------------
 
@@ -234,17 +245,32 @@ class Scheduler:
                 self._prefill_group(group, score)
 
     def _prefill_group(self, seqs: list[Sequence], score: bool) -> None:
+        """Prefill `seqs` as one left-padded batch. Each distinct prompt is computed once (n > 1 copies
+        its rows) and, but when its prompt is scored, starts from the longest prefix the prefix cache
+        holds: that prefix's KV goes in as the past, right-aligned so every row's prompt ends in the last
+        column, and only the rest of the prompt is run. A row's mask may then have a hole (padding between
+        its cached prefix and its suffix); position ids count only the row's own tokens."""
         from transformers import DynamicCache
 
-        width = max(len(s.prompt_ids) for s in seqs)
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, seq in enumerate(seqs):
-            n = len(seq.prompt_ids)
-            ids[row, width - n :] = torch.tensor(seq.prompt_ids, dtype=torch.long)
-            mask[row, width - n :] = 1
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        rows: dict[tuple[int, ...], int] = {}
+        row_of = [rows.setdefault(tuple(s.prompt_ids), len(rows)) for s in seqs]
+        prompts = [list(key) for key in rows]
+        cache_hits = [None if score else self.prefix_cache.lookup(p) for p in prompts]
+        hits = [h.tokens if h is not None else 0 for h in cache_hits]
+        past = max(hits)
+        width = max(len(p) - h for p, h in zip(prompts, hits, strict=True))
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), past + width), dtype=torch.long)
+        positions = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, (prompt, hit) in enumerate(zip(prompts, hits, strict=True)):
+            rest = len(prompt) - hit
+            ids[row, width - rest :] = torch.tensor(prompt[hit:], dtype=torch.long)
+            mask[row, past - hit : past] = 1
+            mask[row, past + width - rest :] = 1
+            positions[row, width - rest :] = torch.arange(hit, len(prompt))
         cache = DynamicCache(config=self.model.config)
+        if past:
+            self._splice_prefixes(cache, cache_hits, past)
         out = self.model(
             input_ids=ids,
             attention_mask=mask,
@@ -253,16 +279,61 @@ class Scheduler:
             logits_to_keep=0 if score else 1,
             **{self._cache_kw: cache},
         )
-        self.stats.record_batch(len(seqs))
+        self.stats.record_batch(len(prompts))
         self.stats.prompt_tokens += sum(len(s.prompt_ids) for s in seqs)
+        cache = _returned_cache(out)
+        self._remember(prompts, cache, mask)
+        for seq, row in zip(seqs, row_of, strict=True):
+            seq.cached_tokens = hits[row]
         if score:
-            for row, seq in enumerate(seqs):
+            for seq, row in zip(seqs, row_of, strict=True):
                 k = seq.params.prompt_logprobs or 0
-                rows = out.logits[row, width - len(seq.prompt_ids) :]
-                seq.prompt_logprobs = score_prompt(rows, seq.prompt_ids, k, self.tokenizer, self._piece)
+                logits_rows = out.logits[row, width - len(seq.prompt_ids) :]
+                seq.prompt_logprobs = score_prompt(
+                    logits_rows, seq.prompt_ids, k, self.tokenizer, self._piece
+                )
         logits = out.logits[:, -1, :].float()
-        self._merge(seqs, _returned_cache(out), mask)
+        if len(prompts) < len(seqs):  # copies for n > 1 (and for equal prompts sent together)
+            index = torch.tensor(row_of, dtype=torch.long)
+            for layer in _layers(cache):
+                layer.keys, layer.values = layer.keys[index], layer.values[index]
+            logits, mask = logits[index], mask[index]
+        self._merge(seqs, cache, mask)
         self._advance(seqs, logits, offset=len(self._batch.seqs) - len(seqs))
+
+    def _splice_prefixes(self, cache: Any, hits: list[Hit | None], past: int) -> None:
+        """Put each row's cached prefix into `cache` as its past: [rows, kv_heads, past, head_dim] per
+        layer, zeros left of a shorter prefix (masked out)."""
+        first = next(h for h in hits if h is not None)
+        for i in range(len(first.entry.layers)):
+            k0, v0 = first.entry.layers[i]
+            keys = k0.new_zeros((len(hits), k0.shape[0], past, k0.shape[2]))
+            values = v0.new_zeros((len(hits), v0.shape[0], past, v0.shape[2]))
+            for row, hit in enumerate(hits):
+                if hit is not None:
+                    k, v = hit.layer(i)
+                    keys[row, :, past - hit.tokens :] = k
+                    values[row, :, past - hit.tokens :] = v
+            cache.update(keys, values, i)
+
+    def _remember(self, prompts: list[list[int]], cache: Any, mask: torch.Tensor) -> None:
+        """Keep each prompt's KV (its own columns, padding left out) for later prompts that share it."""
+        prefix_cache = self.prefix_cache
+        if not prefix_cache.enabled:
+            return
+        layers = _layers(cache)
+        for row, prompt in enumerate(prompts):
+            if prefix_cache.covers(prompt):
+                continue
+            columns = mask[row].nonzero().squeeze(1)
+            kv = [
+                (layer.keys[row].index_select(1, columns), layer.values[row].index_select(1, columns))
+                for layer in layers
+            ]
+            prefix_cache.store(prompt, kv)
+        self.stats.prefix_cache_bytes = prefix_cache.bytes
+        self.stats.prefix_cache_queries = prefix_cache.queried_tokens
+        self.stats.prefix_cache_hits = prefix_cache.hit_tokens
 
     def _merge(self, seqs: list[Sequence], cache: Any, mask: torch.Tensor) -> None:
         batch = self._batch

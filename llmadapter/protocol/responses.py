@@ -24,10 +24,15 @@ def now() -> int:
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
 
 
+class PromptTokensDetails(WireResponse):
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+
+
 class Usage(WireResponse):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None  # sent when the engine caches prefixes
 
 
 class TopLogprob(WireResponse):

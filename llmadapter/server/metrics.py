@@ -75,12 +75,37 @@ _OUR_ENGINE_SERIES: tuple[tuple[_Family, str, str, str], ...] = (
         "Completion (output) tokens generated.",
         "completion_tokens",
     ),
+    (
+        CounterMetricFamily,
+        "llmadapter_prefix_cache_queries",
+        "Prompt tokens looked up in the prefix cache.",
+        "prefix_cache_queries",
+    ),
+    (
+        CounterMetricFamily,
+        "llmadapter_prefix_cache_hits",
+        "Prompt tokens whose KV came from the prefix cache instead of a prefill.",
+        "prefix_cache_hits",
+    ),
+    (
+        GaugeMetricFamily,
+        "llmadapter_prefix_cache_bytes",
+        "Bytes of keys and values the prefix cache holds.",
+        "prefix_cache_bytes",
+    ),
 )
 _VLLM_ENGINE_SERIES: tuple[tuple[_Family, str, str, str], ...] = (
     (GaugeMetricFamily, "vllm:num_requests_running", "Sequences in the running batch.", "running"),
     (GaugeMetricFamily, "vllm:num_requests_waiting", "Sequences waiting for the batch.", "queue_depth"),
     (CounterMetricFamily, "vllm:prompt_tokens", "Prompt tokens prefilled.", "prompt_tokens"),
     (CounterMetricFamily, "vllm:generation_tokens", "Tokens generated.", "completion_tokens"),
+    (
+        CounterMetricFamily,
+        "vllm:prefix_cache_queries",
+        "Prefix cache queries, in tokens.",
+        "prefix_cache_queries",
+    ),
+    (CounterMetricFamily, "vllm:prefix_cache_hits", "Prefix cache hits, in tokens.", "prefix_cache_hits"),
 )
 
 

@@ -373,3 +373,30 @@ def test_long_and_short_requests_share_the_engine(server: RunningServer) -> None
             await stream.close()
 
     asyncio.run(main())
+
+
+def test_a_shared_system_prompt_is_reported_as_cached_tokens(server: RunningServer) -> None:
+    """OpenAI's usage.prompt_tokens_details.cached_tokens, whole and streamed, and vLLM's counters."""
+    client = server.client()
+    system = {"role": "system", "content": "Answer in one word, and mind the spelling. " * 6}
+    hits_before = server.metric("vllm:prefix_cache_hits_total", model_name=CHAT_ID)
+
+    def ask(user: str, **extra: Any) -> Any:
+        messages = [system, {"role": "user", "content": user}]
+        return client.chat.completions.create(
+            model=CHAT_ID, messages=messages, temperature=0, max_tokens=8, **extra
+        )
+
+    first = ask("Hello there?")
+    second = ask("Hello again?")
+    assert first.usage is not None and second.usage is not None
+    assert first.usage.prompt_tokens_details is not None and second.usage.prompt_tokens_details is not None
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached is not None and 16 <= cached < second.usage.prompt_tokens
+    chunks = list(ask("Hello again?", stream=True, stream_options={"include_usage": True}))
+    usage = chunks[-1].usage
+    assert usage is not None and usage.prompt_tokens_details is not None
+    assert usage.prompt_tokens_details.cached_tokens == second.usage.prompt_tokens - 1  # all but the last
+    assert _joined(chunks) == {0: second.choices[0].message.content}
+    hits = server.metric("vllm:prefix_cache_hits_total", model_name=CHAT_ID) - hits_before
+    assert hits >= cached + usage.prompt_tokens_details.cached_tokens
