@@ -32,7 +32,7 @@ GREEDY_BELOW = 1e-5
 
 
 # model_config keys added after the first digests (key -> default).
-_LATER_KEYS: dict[str, Any] = {"response_format": None, "tool_call_parser": "auto"}
+_LATER_KEYS: dict[str, Any] = {"response_format": None, "tool_call_parser": "auto", "prefix_cache_mb": 256}
 
 
 class StoredConfig(BaseModel):

@@ -249,6 +249,7 @@ def test_finish_reason_and_usage_with_a_bos_tokenizer(bos: Pair, bos_model: Path
         "prompt_tokens": prompt_tokens,
         "completion_tokens": 5,
         "total_tokens": prompt_tokens + 5,
+        "prompt_tokens_details": {"cached_tokens": 0},  # OpenAI's field: nothing was cached yet
     }
 
 
