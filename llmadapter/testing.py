@@ -11,7 +11,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 CHATML_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -429,3 +429,9 @@ def build_tiny_gguf(path: str | os.PathLike[str], llama_folder: str | os.PathLik
     writer.close()
     tmp.rename(path)
     return path
+
+
+def without_cached(usage: dict[str, Any]) -> dict[str, Any]:
+    """A usage dict without `prompt_tokens_details`: two answers to one prompt differ only there when
+    the second reused the first's prefill from the prefix cache."""
+    return {key: value for key, value in usage.items() if key != "prompt_tokens_details"}

@@ -94,10 +94,93 @@ def _returned_cache(out: Any) -> Any:
     return cache if cache is not None else out.past_key_values
 
 
+def _growing_layer_class() -> type:
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        """A DynamicLayer whose keys and values sit in buffers with room to grow: a decode step writes
+        its token in place, where DynamicLayer copies the whole cache (torch.cat) every step and layer.
+        Assigning `keys` / `values` (the scheduler's merge and drop) replaces the buffer; the next step
+        that does not fit grows it by a quarter (at least 16 tokens), so copies are amortized."""
+
+        def __init__(self) -> None:
+            self._n = self._nv = 0  # tokens held (keys, values: equal but while one is reassigned)
+            self._k: torch.Tensor | None = None
+            self._v: torch.Tensor | None = None
+            super().__init__()
+
+        @property  # type: ignore[override]
+        def keys(self) -> torch.Tensor | None:
+            return None if self._k is None else self._k[:, :, : self._n]
+
+        @keys.setter
+        def keys(self, t: torch.Tensor | None) -> None:
+            self._k = t
+            self._n = 0 if t is None else t.shape[-2]
+
+        @property  # type: ignore[override]
+        def values(self) -> torch.Tensor | None:
+            return None if self._v is None else self._v[:, :, : self._nv]
+
+        @values.setter
+        def values(self, t: torch.Tensor | None) -> None:
+            self._v = t
+            self._nv = 0 if t is None else t.shape[-2]
+
+        def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+            self.device = key_states.device
+            self.is_initialized = True
+
+        def update(
+            self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            n, new = self._n, key_states.shape[-2]
+            k, v = self._k, self._v
+            if k is None or v is None:
+                k, v = key_states.new_empty((*key_states.shape[:2], 0, key_states.shape[3])), None
+            if v is None or n + new > k.shape[-2] or k.shape[:2] != key_states.shape[:2]:
+                room = n + new + max(16, (n + new) // 4)
+                grown_k = key_states.new_empty((*key_states.shape[:2], room, key_states.shape[3]))
+                grown_v = value_states.new_empty((*value_states.shape[:2], room, value_states.shape[3]))
+                if n and v is not None:
+                    grown_k[:, :, :n] = k[:, :, :n]
+                    grown_v[:, :, :n] = v[:, :, :n]
+                k, v = grown_k, grown_v
+            k[:, :, n : n + new] = key_states
+            v[:, :, n : n + new] = value_states
+            self._k, self._v, self._n, self._nv = k, v, n + new, n + new
+            return k[:, :, : n + new], v[:, :, : n + new]
+
+        def get_seq_length(self) -> int:
+            return self._n
+
+    return GrowingLayer
+
+
+_GROWING: type | None = None
+
+
+def _new_cache(config: Any) -> Any:
+    """A DynamicCache for `config` whose plain layers grow in place (GrowingLayer); other layer types
+    (sliding window, hybrid) stay as transformers builds them."""
+    global _GROWING
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    if _GROWING is None:
+        _GROWING = _growing_layer_class()
+    cache = DynamicCache(config=config)
+    if all(type(layer) is DynamicLayer for layer in cache.layers):
+        cache.layers = [_GROWING() for _ in cache.layers]
+    return cache
+
+
 def _mergeable(cache: Any) -> bool:
     from transformers.cache_utils import DynamicLayer
 
-    return all(type(layer) is DynamicLayer for layer in _layers(cache))
+    return all(type(layer) is DynamicLayer or type(layer) is _GROWING for layer in _layers(cache))
 
 
 def _left_pad(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
@@ -136,9 +219,7 @@ class Scheduler:
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         # Cached prefixes are spliced into a fresh DynamicCache: only for models whose every layer is a
         # plain DynamicLayer (not sliding-window or hybrid layers, whose cache keeps only part).
-        from transformers import DynamicCache
-
-        plain = _mergeable(DynamicCache(config=model.config))
+        plain = _mergeable(_new_cache(model.config))
         self.prefix_cache = PrefixCache(prefix_cache_bytes if plain else 0)
         self.prefix_cache_unsupported = prefix_cache_bytes > 0 and not plain
         self._waiting: deque[Sequence] = deque()
@@ -250,8 +331,6 @@ class Scheduler:
         holds: that prefix's KV goes in as the past, right-aligned so every row's prompt ends in the last
         column, and only the rest of the prompt is run. A row's mask may then have a hole (padding between
         its cached prefix and its suffix); position ids count only the row's own tokens."""
-        from transformers import DynamicCache
-
         rows: dict[tuple[int, ...], int] = {}
         row_of = [rows.setdefault(tuple(s.prompt_ids), len(rows)) for s in seqs]
         prompts = [list(key) for key in rows]
@@ -268,7 +347,7 @@ class Scheduler:
             mask[row, past - hit : past] = 1
             mask[row, past + width - rest :] = 1
             positions[row, width - rest :] = torch.arange(hit, len(prompt))
-        cache = DynamicCache(config=self.model.config)
+        cache = _new_cache(self.model.config)
         if past:
             self._splice_prefixes(cache, cache_hits, past)
         out = self.model(
