@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import transformers
 
 from llmadapter.catalog import get_task
@@ -154,3 +155,25 @@ def test_a_failing_step_fails_its_requests_and_the_worker_lives_on(tiny_gpt2: Pa
         assert answer.choices[0].finish_reason in {"stop", "length"}  # type: ignore[attr-defined]
     finally:
         engine.close()
+
+
+def test_the_kv_cache_grows_in_place_between_steps(tiny_llama: Path) -> None:
+    """A decode step writes its token into room the layer already has, instead of copying the cache."""
+    from llmadapter.engine.scheduler import _new_cache
+
+    config = transformers.AutoConfig.from_pretrained(tiny_llama)
+    cache = _new_cache(config)
+    layer = cache.layers[0]
+    prompt = torch.randn(2, 4, 30, 16)
+    keys, _ = cache.update(prompt, prompt.clone(), 0)
+    assert torch.equal(keys, prompt) and cache.get_seq_length() == 30
+    buffer = layer._k.data_ptr()
+    for step in range(16):  # within the room left after the prompt
+        token = torch.full((2, 4, 1, 16), float(step))
+        keys, values = cache.update(token, token, 0)
+        assert layer._k.data_ptr() == buffer
+    assert keys.shape == (2, 4, 46, 16) and torch.equal(keys[:, :, 30:], values[:, :, 30:])
+    assert torch.equal(keys[:, :, :30], prompt) and keys[0, 0, -1, 0] == 15.0
+    layer.keys, layer.values = keys[:1], values[:1]  # the scheduler drops a finished row
+    keys, _ = cache.update(torch.zeros(1, 4, 1, 16), torch.zeros(1, 4, 1, 16), 0)
+    assert keys.shape == (1, 4, 47, 16) and cache.get_seq_length() == 47
