@@ -73,7 +73,7 @@ def _prepared(base: Any, tokenizer: Any, dtype: str, quantization: str, group_si
     if group_size is not None:
         weights.INT4_GROUP_SIZES = (group_size,)
     try:
-        served = weights.prepare_generation_model(
+        served = weights.apply_generation_format(
             model, tokenizer, WeightFormat(dtype, quantization, "cpu"), task="llm/v1/chat"
         )
     finally:

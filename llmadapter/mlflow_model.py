@@ -442,9 +442,9 @@ def _generation_engine(
     model: Any, tokenizer: Any, path: Path, spec: TaskSpec, config: ModelConfig, name: str, load: _Load
 ) -> Engine:
     from llmadapter.engine.generation import GenerationEngine
-    from llmadapter.engine.weights import prepare_generation_model
+    from llmadapter.engine.weights import apply_generation_format
 
-    served = prepare_generation_model(
+    served = apply_generation_format(
         model,
         tokenizer,
         load.weight_format.over(config.weight_format()),
@@ -461,9 +461,9 @@ def _embedding_engine(
     model: Any, tokenizer: Any, path: Path, spec: TaskSpec, config: EmbeddingsConfig, name: str, load: _Load
 ) -> Engine:
     from llmadapter.engine.embeddings import EmbeddingEngine, load_pooling
-    from llmadapter.engine.weights import prepare_embedding_model
+    from llmadapter.engine.weights import apply_embedding_format
 
-    served = prepare_embedding_model(model, load.weight_format, name=name)
+    served = apply_embedding_format(model, load.weight_format, name=name)
     engine = EmbeddingEngine(
         model, tokenizer, load_pooling(path / EXTRAS_DIR), config=config, model_name=name
     )
@@ -496,7 +496,7 @@ def build_engine(
     """An engine for a local llmadapter artifact folder; model_config overrides the stored one.
 
     weight_format (the server's dtype / quantization / device settings) wins over the model_config's;
-    the model is put into that format by llmadapter.engine.weights.prepare_generation_model.
+    the model is put into that format by llmadapter.engine.weights.apply_generation_format.
     """
     from mlflow.models import Model
 

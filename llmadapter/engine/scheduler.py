@@ -24,6 +24,7 @@ from llmadapter.engine.logprobs import PromptToken, score_prompt
 from llmadapter.engine.sampling import RowSampler, choose_tokens
 from llmadapter.engine.stops import IncrementalDecoder, StopMatcher
 from llmadapter.engine.timing import SequenceTimes
+from llmadapter.engine.weights import model_device
 from llmadapter.errors import GenerationError, LLMAdapterError, OverloadedError
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,9 @@ class Scheduler:
         stats: EngineStats,
     ) -> None:
         self.model = model
+        # Where the model's weights are (llmadapter.engine.weights put them there): inputs, masks and
+        # the KV cache are made on it.
+        self.device = model_device(model)
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.max_batch_size = max_batch_size
@@ -243,6 +247,7 @@ class Scheduler:
             n = len(seq.prompt_ids)
             ids[row, width - n :] = torch.tensor(seq.prompt_ids, dtype=torch.long)
             mask[row, width - n :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
         out = self.model(
@@ -296,7 +301,7 @@ class Scheduler:
         assert batch.mask is not None
         positions = batch.mask.sum(dim=1, keepdim=True)
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch), 1))], dim=1)
-        ids = torch.tensor(batch.last_tokens, dtype=torch.long).unsqueeze(1)
+        ids = torch.tensor(batch.last_tokens, dtype=torch.long, device=self.device).unsqueeze(1)
         out = self.model(
             input_ids=ids,
             attention_mask=batch.mask,
@@ -395,7 +400,7 @@ class Scheduler:
         if not keep:
             self._batch = _Batch()
             return
-        index = torch.tensor(keep, dtype=torch.long)
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
         assert batch.mask is not None
         mask = batch.mask[index]
         # Columns that are padding for every remaining row are dead weight in every later step.

@@ -1,5 +1,5 @@
-"""Weight formats of a loaded generation model: dtype, torchao weight-only int8/int4, device, and the check
-that a format still answers like the checkpoint (prepare_model, the one function every load goes through).
+"""Weight formats of a loaded model: dtype, torchao weight-only int8/int4, device, and the check that a
+format still answers like the checkpoint (apply_weight_format: every generation load goes through it).
 
 Precedence per field: an explicit server setting > the model_config > auto. `auto` is: device cuda when
 CUDA is available, else cpu; dtype bfloat16 on CUDA, float32 on CPU (exact); quantization the GGUF
@@ -68,6 +68,15 @@ class ServedFormat:
         return ", ".join(parts)
 
 
+def model_device(model: Any) -> torch.device:
+    """The device a model's weights are on (cpu for a model without parameters)."""
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    first = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    return first.device if first is not None else torch.device("cpu")
+
+
 def check_device_name(value: str) -> str:
     if not _DEVICE.match(value):
         raise ValueError(f"'{value}' is not a device: use auto, cpu, cuda or cuda:N")
@@ -118,7 +127,7 @@ def resolve_format(asked: WeightFormat, *, source_quantization: str | None = Non
         dtype = "bfloat16"
     if dtype == "float16" and not on_cuda:
         raise ConfigError(
-            "dtype 'float16' on cpu is refused: CPUs have no float16 matrix kernels, so it runs several times "
+            "dtype 'float16' on cpu is refused: CPUs have no fast float16 matrix kernels, so it runs "
             "slower than float32 (bench/formats.py); use 'bfloat16' (half the memory, fast) or 'float32'.",
             param="dtype",
         )
@@ -200,7 +209,8 @@ def quantize_model(model: torch.nn.Module, fmt: ServedFormat) -> ServedFormat:
         raise ConfigError(
             f"quantization '{fmt.quantization}' cannot quantize any layer of this model (its layers: "
             f"{', '.join(kinds[:8])}; int4 needs linear layers whose input size is a multiple of "
-            f"{' or '.join(map(str, INT4_GROUP_SIZES))} and output size of {_INT4_ROW_TILE}); use quantization 'none' or 'int8'.",
+            f"{' or '.join(map(str, INT4_GROUP_SIZES))} and output size of {_INT4_ROW_TILE}); use "
+            "quantization 'none' or 'int8'.",
             param="quantization",
         )
     skipped = tuple(name for name, _ in layers if name not in eligible)
@@ -222,7 +232,7 @@ def quantize_model(model: torch.nn.Module, fmt: ServedFormat) -> ServedFormat:
     return replace(fmt, group_size=group_size, quantized_layers=len(eligible), skipped_layers=skipped)
 
 
-def apply_format(model: torch.nn.Module, fmt: ServedFormat) -> ServedFormat:
+def _convert(model: torch.nn.Module, fmt: ServedFormat) -> ServedFormat:
     """Move the model to the format's device and dtype, then quantize it; returns what was done."""
     model.to(device=fmt.device, dtype=DTYPES[fmt.dtype])
     if fmt.quantization != "none":
@@ -259,7 +269,7 @@ class Probe:
         cls, model: Any, prompts: list[list[int]], pad_id: int, new_tokens: int = _PROBE_TOKENS
     ) -> Probe:
         ids, mask = _pad_left(prompts, pad_id)
-        device = next(model.parameters()).device
+        device = model_device(model)
         with torch.inference_mode():
             out = model.generate(
                 input_ids=ids.to(device),
@@ -286,7 +296,7 @@ class Probe:
 
 
 def _logprobs(model: Any, ids: torch.Tensor, mask: torch.Tensor, start: int) -> torch.Tensor:
-    device = next(model.parameters()).device
+    device = model_device(model)
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
     out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device))
     return torch.log_softmax(out.logits[:, start:-1, :].float(), dim=-1).cpu()
@@ -310,7 +320,7 @@ def probe_prompts(tokenizer: Any, task: str) -> list[list[int]]:
     return [p for p in prompts if p]
 
 
-def prepare_generation_model(
+def apply_generation_format(
     model: Any,
     tokenizer: Any,
     asked: WeightFormat,
@@ -319,9 +329,9 @@ def prepare_generation_model(
     source_quantization: str | None = None,
     name: str = "model",
 ) -> ServedFormat:
-    """prepare_model with the task's validation prompts as the probe and the tokenizer's padding."""
+    """apply_weight_format with the task's validation prompts as the probe and the tokenizer's padding."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return prepare_model(
+    return apply_weight_format(
         model,
         asked,
         probe_prompts=probe_prompts(tokenizer, task),
@@ -331,7 +341,7 @@ def prepare_generation_model(
     )
 
 
-def prepare_embedding_model(model: Any, asked: WeightFormat, *, name: str = "model") -> ServedFormat:
+def apply_embedding_format(model: Any, asked: WeightFormat, *, name: str = "model") -> ServedFormat:
     """Embedding models: device and an explicit dtype apply (auto stays float32: the pooled vectors must
     match sentence-transformers'); quantization does not (logged when asked for)."""
     device = resolve_device(asked.device)
@@ -351,7 +361,7 @@ def prepare_embedding_model(model: Any, asked: WeightFormat, *, name: str = "mod
     return served
 
 
-def prepare_model(
+def apply_weight_format(
     model: Any,
     asked: WeightFormat,
     *,
@@ -376,7 +386,7 @@ def prepare_model(
     probe = None
     if not exact and probe_prompts:
         probe = Probe.record(model, probe_prompts, pad_id)
-    fmt = apply_format(model, fmt)
+    fmt = _convert(model, fmt)
     if probe is not None:
         agreement, kl = probe.compare(model)
         fmt = replace(fmt, agreement=agreement, kl=kl)
