@@ -82,23 +82,38 @@ def _prepared(base: Any, tokenizer: Any, dtype: str, quantization: str, group_si
     return model
 
 
-def decode_ms(model: Any, batch: int, steps: int, prompt_len: int = 32) -> float:
-    """Median ms of one decode step at `batch` rows after a prompt_len prefill."""
-    import torch
-    from transformers import DynamicCache
+class _Decoder:
+    """One model decoding `batch` rows after a prompt_len prefill; step() times one decode step."""
 
-    ids = torch.randint(100, 1000, (batch, prompt_len))
-    times = []
-    with torch.inference_mode():
-        cache = DynamicCache(config=model.config)
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        tok = out.logits[:, -1:].argmax(-1)
-        for _ in range(steps):
-            start = time.perf_counter()
-            out = model(input_ids=tok, past_key_values=out.past_key_values, use_cache=True)
-            tok = out.logits[:, -1:].argmax(-1)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
+    def __init__(self, model: Any, batch: int, prompt_len: int = 32) -> None:
+        import torch
+        from transformers import DynamicCache
+
+        self.model = model
+        with torch.inference_mode():
+            ids = torch.randint(100, 1000, (batch, prompt_len))
+            out = model(input_ids=ids, past_key_values=DynamicCache(config=model.config), use_cache=True)
+        self.cache, self.tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+    def step(self) -> float:
+        import torch
+
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model(input_ids=self.tok, past_key_values=self.cache, use_cache=True)
+        self.cache, self.tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        return time.perf_counter() - start
+
+
+def decode_ms(models: list[Any], batch: int, rounds: int, steps: int = 2) -> list[float]:
+    """Median ms/step of each model at `batch`, the models interleaved round by round (so a machine whose
+    load changes during the run weighs on every format alike)."""
+    decoders = [_Decoder(m, batch) for m in models]
+    times: list[list[float]] = [[] for _ in models]
+    for _ in range(rounds):
+        for i, decoder in enumerate(decoders):
+            times[i].extend(decoder.step() for _ in range(steps))
+    return [statistics.median(t) * 1000 for t in times]
 
 
 def speed(folder: Path, steps: int) -> None:
@@ -115,13 +130,15 @@ def speed(folder: Path, steps: int) -> None:
     for g in (64, 32):
         rows.append((f"int4 group {g} (Int4OpaqueTensor)", _prepared(base, tokenizer, "bfloat16", "int4", g)))
     print(
-        f"\n## Decode ms/step on SmolLM2-135M ({torch.get_num_threads()} threads, median of {steps} steps)\n"
+        f"\n## Decode ms/step on SmolLM2-135M ({torch.get_num_threads()} threads, median over {steps} interleaved rounds)\n"
     )
     print("| format | batch 1 | batch 8 | batch 32 |")
     print("|---|---|---|---|")
-    for name, model in rows:
-        cells = [f"{decode_ms(model, b, steps if b < 32 else max(3, steps // 2)):.1f}" for b in (1, 8, 32)]
-        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+    columns = [
+        decode_ms([m for _, m in rows], b, steps if b < 32 else max(3, steps // 2)) for b in (1, 8, 32)
+    ]
+    for i, (name, _) in enumerate(rows):
+        print(f"| {name} | " + " | ".join(f"{col[i]:.1f}" for col in columns) + " |", flush=True)
 
 
 def _next_token_logprobs(model: Any, tokenizer: Any) -> Any:

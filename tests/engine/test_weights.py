@@ -95,7 +95,7 @@ def test_auto_on_cuda_is_bfloat16_on_the_first_gpu(cuda: None) -> None:
 
 
 def test_a_missing_gpu_index_names_device(cuda: None) -> None:
-    with pytest.raises(ConfigError, match="cuda:1.*1 CUDA device") as info:
+    with pytest.raises(ConfigError, match=r"cuda:1.*1 CUDA device") as info:
         resolve_device("cuda:1")
     assert info.value.param == "device"
 
@@ -112,7 +112,7 @@ def test_this_machine_resolves_auto_to_what_it_has() -> None:
 
 
 def test_float16_on_cpu_is_refused_naming_dtype(no_cuda: None) -> None:
-    with pytest.raises(ConfigError, match="float16.*bfloat16") as info:
+    with pytest.raises(ConfigError, match=r"float16.*bfloat16") as info:
         resolve_format(WeightFormat(dtype="float16"))
     assert info.value.param == "dtype"
 
