@@ -129,8 +129,9 @@ def speed(folder: Path, steps: int) -> None:
     rows.append(("int8 (Int8WeightOnlyConfig)", _prepared(base, tokenizer, "bfloat16", "int8")))
     for g in (64, 32):
         rows.append((f"int4 group {g} (Int4OpaqueTensor)", _prepared(base, tokenizer, "bfloat16", "int4", g)))
+    threads = torch.get_num_threads()
     print(
-        f"\n## Decode ms/step on SmolLM2-135M ({torch.get_num_threads()} threads, median over {steps} interleaved rounds)\n"
+        f"\n## Decode ms/step on SmolLM2-135M ({threads} threads, median over {steps} interleaved rounds)\n"
     )
     print("| format | batch 1 | batch 8 | batch 32 |")
     print("|---|---|---|---|")
@@ -178,7 +179,7 @@ def _validation(folder: Path, dtype: str, quantization: str, store: Path) -> str
             model_config={"dtype": dtype, "quantization": quantization, "temperature": 0},
         )
     report = validate_model(info.model_uri, fresh_process=False)
-    failed = [c.name for c in report.failed_checks()]
+    failed = [c.name for c in report.failed_checks]
     passed = len(report.checks) - len(failed)
     return f"{report.status} {passed}/{len(report.checks)}" + (
         f" (failed: {', '.join(failed)})" if failed else ""

@@ -174,6 +174,20 @@ def pick_group_size(in_features: Sequence[int]) -> int | None:
     return best[1] if best else None
 
 
+def _import_torchao() -> None:
+    """Import torchao without its import-time warnings: on a CPU build it warns that its CUDA-only
+    extensions do not load, and torch that its enums need no registration; noise in every server log."""
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        import torchao.quantization  # noqa: F401
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
 def _torchao_config(quantization: str, device: str, group_size: int | None) -> Any:
     if quantization == "int8":
         from torchao.quantization import Int8WeightOnlyConfig
@@ -193,6 +207,7 @@ def _torchao_config(quantization: str, device: str, group_size: int | None) -> A
 
 def quantize_model(model: torch.nn.Module, fmt: ServedFormat) -> ServedFormat:
     """Weight-only quantize every linear layer torchao can take (lm_head included), in place."""
+    _import_torchao()
     from torchao.quantization import quantize_
 
     _conv1d_as_linear(model)

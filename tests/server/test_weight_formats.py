@@ -62,6 +62,6 @@ def test_validation_runs_with_the_logged_format(logged_int8: str) -> None:
     from llmadapter.validation import validate_model
 
     report = validate_model(logged_int8, fresh_process=False)
-    assert report.status == "passed", report.failed_checks()
+    assert report.status == "passed", report.failed_checks
     load = next(c for c in report.checks if c.name == "fresh-process-load")
     assert load.detail == "loaded in this process as int8 weights, bfloat16 on cpu"
