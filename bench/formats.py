@@ -186,7 +186,7 @@ def _validation(folder: Path, dtype: str, quantization: str, store: Path) -> str
     )
 
 
-def quality(label: str, folder: Path, validate: bool) -> None:
+def quality(label: str, folder: Path, validate: bool, only: list[str] | None = None) -> None:
     base, tokenizer = _load(folder)
     prompts = _prompts(label)
     reference = _answers(base, tokenizer, prompts)
@@ -202,6 +202,8 @@ def quality(label: str, folder: Path, validate: bool) -> None:
         mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
         mlflow.set_experiment("formats")
     for name, (dtype, quant) in FORMATS.items():
+        if only and name not in only:
+            continue
         model = base if name == "float32" else _prepared(base, tokenizer, dtype, quant)
         answers = _answers(model, tokenizer, prompts)
         same = sum(a == b for a, b in zip(answers, reference, strict=True))
@@ -225,6 +227,7 @@ def main() -> None:
     parser.add_argument("--no-speed", action="store_true")
     parser.add_argument("--no-validation", action="store_true")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--formats", nargs="*", choices=list(FORMATS), help="quality of these only")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--data-dir", type=Path, default=ROOT / ".pytest_cache/d/llmadapter-models")
     args = parser.parse_args()
@@ -247,7 +250,7 @@ def main() -> None:
             not args.no_validation,
         )
     if smollm2 is not None:
-        quality("smollm2", smollm2, not args.no_validation)
+        quality("smollm2", smollm2, not args.no_validation, args.formats)
 
 
 if __name__ == "__main__":

@@ -126,10 +126,10 @@ def test_server_settings_win_over_model_config_field_by_field() -> None:
 
 @pytest.mark.parametrize(
     ("sizes", "expected"),
-    [([576, 1536], 64), ([512, 2048], 128), ([64, 128], 64), ([96, 32], 32), ([40, 80], None)],
-    ids=["smollm2", "all-128", "tiny", "only-32", "none"],
+    [([576, 1536], 32), ([512, 2048], 32), ([64, 96], 32), ([40, 64, 128], 32), ([40, 80], None)],
+    ids=["smollm2", "all-128", "tiny", "some-layers", "none"],
 )
-def test_int4_group_size_is_the_largest_that_fits(sizes: list[int], expected: int | None) -> None:
+def test_int4_group_size_is_32_where_it_fits(sizes: list[int], expected: int | None) -> None:
     assert pick_group_size(sizes) == expected
 
 
