@@ -82,6 +82,18 @@ def _prepared(base: Any, tokenizer: Any, dtype: str, quantization: str, group_si
     return model
 
 
+def _int4_everywhere(base: Any) -> Any:
+    """int4 on every linear layer, lm_head included (what the served int4 avoids for the output layer)."""
+    import torch
+    from torchao.quantization import quantize_
+
+    from llmadapter.engine.weights import _torchao_config
+
+    model = copy.deepcopy(base).to(torch.bfloat16)
+    quantize_(model, _torchao_config("int4", "cpu", 32))
+    return model
+
+
 class _Decoder:
     """One model decoding `batch` rows after a prompt_len prefill; step() times one decode step."""
 
@@ -127,8 +139,9 @@ def speed(folder: Path, steps: int) -> None:
     fp16 = copy.deepcopy(base).to(torch.float16)  # what dtype float16 would run on CPU (refused at load)
     rows.append(("float16 (refused on CPU)", fp16))
     rows.append(("int8 (Int8WeightOnlyConfig)", _prepared(base, tokenizer, "bfloat16", "int8")))
-    for g in (64, 32):
-        rows.append((f"int4 group {g} (Int4OpaqueTensor)", _prepared(base, tokenizer, "bfloat16", "int4", g)))
+    rows.append(("int4 (served: group 32, lm_head int8)", _prepared(base, tokenizer, "bfloat16", "int4")))
+    rows.append(("int4 group 64, lm_head int8", _prepared(base, tokenizer, "bfloat16", "int4", 64)))
+    rows.append(("int4 group 32, lm_head int4 too", _int4_everywhere(base)))
     threads = torch.get_num_threads()
     print(
         f"\n## Decode ms/step on SmolLM2-135M ({threads} threads, median over {steps} interleaved rounds)\n"
