@@ -187,6 +187,9 @@ def test_quantized_trained_model_answers_through_the_engine(trained_model: Path,
     assert served.agreement is not None and served.agreement >= 0.9
     attn = model.transformer.h[0].attn.c_attn
     assert isinstance(attn, torch.nn.Linear) and type(attn.weight).__name__ != "Parameter"
+    # int4 keeps the output layer at int8 (as Q4 GGUF files keep theirs at Q8_0).
+    assert type(model.lm_head.weight).__name__ == "Int8Tensor"
+    assert served.head == ("int8" if quantization == "int4" else None)
     assert _greedy(model, tokenizer) == TRAINED_ANSWER
 
 
