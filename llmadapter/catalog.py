@@ -102,7 +102,7 @@ _EMBEDDINGS_EXTRA = (
 )
 
 # Constrained decoding (response_format, forced tool calls) and its schema checks.
-_GENERATION_REQUIREMENTS = ("xgrammar", "jsonschema")
+_GENERATION_REQUIREMENTS = ("xgrammar", "jsonschema", "torchao")  # torchao: the int8 / int4 kernels
 _GENERATION_CHECKS = (
     "usage-arithmetic",
     "finish-reason",

@@ -168,6 +168,7 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             poll_s=settings.alias_poll_s,
             retry_s=settings.swap_retry_s,
             strategy=settings.swap_strategy,
+            weight_format=settings.weight_format(),
         )
         for name, uri in zip(names, args.model_uris, strict=True)
     ]

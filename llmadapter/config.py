@@ -32,7 +32,42 @@ GREEDY_BELOW = 1e-5
 
 
 # model_config keys added after the first digests (key -> default).
-_LATER_KEYS: dict[str, Any] = {"response_format": None, "tool_call_parser": "auto", "prefix_cache_mb": 256}
+_LATER_KEYS: dict[str, Any] = {
+    "response_format": None,
+    "tool_call_parser": "auto",
+    "dtype": "auto",
+    "quantization": "auto",
+    "prefix_cache_mb": 256,
+}
+
+# Weight formats (llmadapter.engine.weights applies them); "auto" means "not set here".
+DtypeName: TypeAlias = Literal["auto", "float32", "bfloat16", "float16"]
+QuantizationName: TypeAlias = Literal["auto", "none", "int8", "int4"]
+DTYPE_HELP = (
+    "Weights and activations dtype: auto (bfloat16 on CUDA, float32 on CPU, bfloat16 when quantized), "
+    "float32, bfloat16, float16 (CUDA only)."
+)
+QUANTIZATION_HELP = (
+    "Weight-only quantization with torchao kernels: auto (the GGUF source's own blocks, Q4_x -> int4, "
+    "Q8_0 -> int8; else none), none, int8, int4 (bfloat16 activations)."
+)
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """A weight format as asked for (server setting, model_config); 'auto' in a field: not set there."""
+
+    dtype: str = "auto"
+    quantization: str = "auto"
+    device: str = "auto"
+
+    def over(self, lower: WeightFormat) -> WeightFormat:
+        """Each field of self unless it is 'auto', else lower's (server settings over model_config)."""
+        return WeightFormat(
+            dtype=self.dtype if self.dtype != "auto" else lower.dtype,
+            quantization=self.quantization if self.quantization != "auto" else lower.quantization,
+            device=self.device if self.device != "auto" else lower.device,
+        )
 
 
 class StoredConfig(BaseModel):
@@ -100,6 +135,13 @@ class ModelConfig(StoredConfig):
         default="auto",
         description="How tool calls are read from the output; auto: from the chat template.",
     )
+    dtype: DtypeName = Field(default="auto", description=DTYPE_HELP + " A server's --dtype wins.")
+    quantization: QuantizationName = Field(
+        default="auto", description=QUANTIZATION_HELP + " A server's --quantization wins."
+    )
+
+    def weight_format(self) -> WeightFormat:
+        return WeightFormat(dtype=self.dtype, quantization=self.quantization)
 
     @field_validator("response_format")
     @classmethod

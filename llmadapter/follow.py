@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 
+from llmadapter.config import WeightFormat
 from llmadapter.engine.base import Engine
 from llmadapter.server.served import ServedModels, ServingState
 from llmadapter.swap import AliasMissing, Strategy, Swapper, Target, parse_registry_uri, resolve
@@ -154,10 +155,11 @@ class ModelHost:
         poll_s: float = 30.0,
         retry_s: float = 300.0,
         strategy: Strategy = "overlap",
+        weight_format: WeightFormat | None = None,
     ) -> None:
         self.name = name
         self.uri = uri
-        self.swapper = Swapper(served, name, strategy=strategy)
+        self.swapper = Swapper(served, name, strategy=strategy, weight_format=weight_format)
         parsed = parse_registry_uri(uri)
         follows = parsed is not None and parsed[1] is not None and poll_s > 0
         self.follower = AliasFollower(uri, self.swapper, poll_s=poll_s, retry_s=retry_s) if follows else None

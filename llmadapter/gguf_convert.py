@@ -146,3 +146,23 @@ def convert_gguf(gguf: Path, out_dir: Path, sha256: str) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+# GGUF block types by the weight-only quantization that keeps as many bits (the "auto" quantization of a
+# GGUF source): 4-bit blocks -> int4, 5- to 8-bit blocks -> int8, float tensors -> none.
+_BLOCK_BITS = {"Q4": "int4", "IQ4": "int4", "Q5": "int8", "Q6": "int8", "Q8": "int8"}
+
+
+def gguf_quantization(path: str | os.PathLike[str]) -> str | None:
+    """The quantization matching most of a GGUF file's weights (by elements): int4, int8, or None."""
+    from gguf import GGUFReader
+
+    counts: dict[str, int] = {}
+    for tensor in GGUFReader(str(path)).tensors:
+        if len(tensor.shape) < 2:
+            continue
+        kind = tensor.tensor_type.name
+        quant = next((q for prefix, q in _BLOCK_BITS.items() if kind.startswith(prefix)), "none")
+        counts[quant] = counts.get(quant, 0) + int(tensor.n_elements)
+    best = max(counts, key=lambda q: counts[q]) if counts else "none"
+    return None if best == "none" else best

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict, Unpack
@@ -22,6 +23,7 @@ from llmadapter.config import (
     EmbeddingsConfig,
     ModelConfig,
     StoredConfig,
+    WeightFormat,
     read_stored_config,
     stored_config,
 )
@@ -165,6 +167,14 @@ def _local_model_card(pipe: Any) -> Any:
     return ModelCard(text)
 
 
+def _gguf_quantization(source: ResolvedSource | None) -> str | None:
+    if source is None or source.gguf_file is None:
+        return None
+    from llmadapter.gguf_convert import gguf_quantization
+
+    return gguf_quantization(source.gguf_file)
+
+
 def _check_chat_template(tokenizer: Any) -> None:
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ConfigError(
@@ -265,6 +275,8 @@ def save_model(
         "source_repo": hub[0] if hub else None,
         "source_revision": source.revision if source else (hub[1] if hub else None),
         "weights_stored": bool(save_pretrained),
+        # quantization "auto" serves a GGUF source in its own blocks' format (int4 for Q4_x, int8 for Q8_0).
+        "source_quantization": _gguf_quantization(source),
         "llmadapter_version": _version(),
     }
     (extras / _ENGINE_FILE).write_text(json.dumps(info, indent=2))
@@ -427,19 +439,44 @@ def _load_components(path: Path, flavor: Mapping[str, Any]) -> tuple[Any, Any]:
 
 
 def _generation_engine(
-    model: Any, tokenizer: Any, path: Path, spec: TaskSpec, config: ModelConfig, name: str
+    model: Any, tokenizer: Any, path: Path, spec: TaskSpec, config: ModelConfig, name: str, load: _Load
 ) -> Engine:
     from llmadapter.engine.generation import GenerationEngine
+    from llmadapter.engine.weights import apply_generation_format
 
-    return GenerationEngine(model, tokenizer, spec=spec, config=config, model_name=name)
+    served = apply_generation_format(
+        model,
+        tokenizer,
+        load.weight_format.over(config.weight_format()),
+        task=spec.inference_task,
+        source_quantization=load.extras.get("source_quantization"),
+        name=name,
+    )
+    engine = GenerationEngine(model, tokenizer, spec=spec, config=config, model_name=name)
+    engine.weight_format = served.card()
+    return engine
 
 
 def _embedding_engine(
-    model: Any, tokenizer: Any, path: Path, spec: TaskSpec, config: EmbeddingsConfig, name: str
+    model: Any, tokenizer: Any, path: Path, spec: TaskSpec, config: EmbeddingsConfig, name: str, load: _Load
 ) -> Engine:
     from llmadapter.engine.embeddings import EmbeddingEngine, load_pooling
+    from llmadapter.engine.weights import apply_embedding_format
 
-    return EmbeddingEngine(model, tokenizer, load_pooling(path / EXTRAS_DIR), config=config, model_name=name)
+    served = apply_embedding_format(model, load.weight_format, name=name)
+    engine = EmbeddingEngine(
+        model, tokenizer, load_pooling(path / EXTRAS_DIR), config=config, model_name=name
+    )
+    engine.weight_format = served.card()
+    return engine
+
+
+@dataclass(frozen=True)
+class _Load:
+    """What a load knows beyond the task's config: the artifact's extras, the format asked for."""
+
+    extras: Mapping[str, Any]
+    weight_format: WeightFormat
 
 
 # The engine that answers a task, by the task's config model (so each builder gets the config it takes).
@@ -454,8 +491,13 @@ def build_engine(
     *,
     model_config: Mapping[str, Any] | None = None,
     model_name: str | None = None,
+    weight_format: WeightFormat | None = None,
 ) -> Engine:
-    """An engine for a local llmadapter artifact folder; model_config overrides the stored one."""
+    """An engine for a local llmadapter artifact folder; model_config overrides the stored one.
+
+    weight_format (the server's dtype / quantization / device settings) wins over the model_config's;
+    the model is put into that format by llmadapter.engine.weights.apply_generation_format.
+    """
     from mlflow.models import Model
 
     path = Path(path)
@@ -465,13 +507,18 @@ def build_engine(
     config = read_stored_config(spec.config_model, mlmodel.flavors.get("python_function", {}), model_config)
     model, tokenizer = _load_components(path, mlmodel.flavors[FLAVOR_NAME])
     name = model_name or extras["served_model_name"]
-    engine = _ENGINES[spec.config_model](model, tokenizer, path, spec, config, name)
+    load = _Load(extras, weight_format or WeightFormat())
+    engine = _ENGINES[spec.config_model](model, tokenizer, path, spec, config, name, load)
     engine.model_id = mlmodel.model_id or ""  # the LoggedModel its traces link to
     return engine
 
 
 def load_engine(
-    model_uri: str, *, model_name: str | None = None, model_config: Mapping[str, Any] | None = None
+    model_uri: str,
+    *,
+    model_name: str | None = None,
+    model_config: Mapping[str, Any] | None = None,
+    weight_format: WeightFormat | None = None,
 ) -> Engine:
     """Download (if remote) and load an llmadapter model by URI (models:/, runs:/, a path)."""
     from mlflow.artifacts import download_artifacts
@@ -481,7 +528,12 @@ def load_engine(
     else:
         with store_errors_named(f"Downloading {model_uri} failed"):
             local = download_artifacts(artifact_uri=model_uri)
-    return build_engine(local, model_config=model_config, model_name=model_name or registered_name(model_uri))
+    return build_engine(
+        local,
+        model_config=model_config,
+        model_name=model_name or registered_name(model_uri),
+        weight_format=weight_format,
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -127,6 +127,7 @@ class LLMAdapterReplica:
                 poll_s=self.settings.alias_poll_s,
                 retry_s=self.settings.swap_retry_s,
                 strategy=self.settings.swap_strategy,
+                weight_format=self.settings.weight_format(),
             )
             for name, uri in models
         ]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import gc
 import logging
 import threading
@@ -27,6 +28,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from llmadapter.config import WeightFormat
 from llmadapter.engine.base import Engine
 from llmadapter.errors import LLMAdapterError, NotFoundError
 from llmadapter.names import registered_name
@@ -119,10 +121,10 @@ def free_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def _default_loader(target: Target, name: str) -> Engine:
+def _default_loader(target: Target, name: str, weight_format: WeightFormat | None = None) -> Engine:
     from llmadapter.mlflow_model import load_engine
 
-    return load_engine(target.uri, model_name=name)
+    return load_engine(target.uri, model_name=name, weight_format=weight_format)
 
 
 class Swapper:
@@ -134,13 +136,15 @@ class Swapper:
         name: str,
         *,
         strategy: Strategy = "overlap",
-        loader: Callable[[Target, str], Engine] = _default_loader,
+        loader: Callable[[Target, str], Engine] | None = None,
         drain_timeout_s: float = 3600.0,
+        weight_format: WeightFormat | None = None,
     ) -> None:
         self.served = served
         self.name = name
         self.strategy = strategy
-        self._loader = loader
+        # Every version of this name loads in the server's weight format (dtype, quantization, device).
+        self._loader = loader or functools.partial(_default_loader, weight_format=weight_format)
         self._drain_timeout_s = drain_timeout_s
         self._current: Target | None = None
         self._lock = threading.Lock()  # one swap at a time

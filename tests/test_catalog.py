@@ -117,8 +117,8 @@ def test_spec_of_an_llm_v1_or_native_task(task: str, expected: str | None) -> No
 def test_task_tables_chat_template_and_requirements() -> None:
     assert [t for t in TASKS if get_task(t).needs_chat_template] == [CHAT]
     assert {t: get_task(t).requirements for t in TASKS} == {
-        CHAT: ("xgrammar", "jsonschema"),  # constrained decoding and its schema checks
-        COMPLETIONS: ("xgrammar", "jsonschema"),
+        CHAT: ("xgrammar", "jsonschema", "torchao"),  # constrained decoding, its schema checks, int8/int4
+        COMPLETIONS: ("xgrammar", "jsonschema", "torchao"),
         EMBEDDINGS: ("sentence-transformers",),
     }
 

@@ -67,6 +67,8 @@ class Engine(ABC):
     # unknown; set by whoever resolved it): labels of the engine's metrics and traces.
     model_id: str = ""
     model_version: str = ""
+    # The weight format it serves with ({"dtype", "quantization", "device"}; llmadapter.engine.weights).
+    weight_format: Mapping[str, str] | None = None
 
     @property
     def inference_task(self) -> str:

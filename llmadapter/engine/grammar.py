@@ -235,6 +235,7 @@ def apply_masks(logits: torch.Tensor, rows: list[tuple[int, Matcher]]) -> None:
     bitmask = xg.allocate_token_bitmask(len(rows), logits.shape[-1])
     for slot, (_, matcher) in enumerate(rows):
         matcher.fill(bitmask, slot)
+    bitmask = bitmask.to(logits.device)  # filled on the CPU; applied where the logits are
     indices = [i for i, _ in rows]
     if indices == list(range(logits.shape[0])):
         xg.apply_token_bitmask_inplace(logits, bitmask)

@@ -32,7 +32,7 @@ def score_prompt(
     """Every prompt token scored, from the model's outputs at the prompt's positions
     (`logits`: [len(prompt_ids), vocab]), with its k most likely alternatives."""
     logprobs = torch.log_softmax(logits[:-1].float(), dim=-1)
-    targets = torch.tensor(prompt_ids[1:], dtype=torch.long)
+    targets = torch.tensor(prompt_ids[1:], dtype=torch.long, device=logprobs.device)
     chosen = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1)
     ranks = (logprobs > chosen.unsqueeze(1)).sum(dim=1) + 1
     top_values, top_ids = torch.topk(logprobs, k, dim=-1) if k else (None, None)

@@ -67,22 +67,23 @@ def _penalize(logits: torch.Tensor, rows: list[RowSampler]) -> None:
     """OpenAI's penalties on generated tokens (logit -= count*frequency + (count>0)*presence), vLLM's
     repetition_penalty on prompt and generated tokens (positive logits divided, negative multiplied),
     logit_bias, and the min_tokens ban on stop tokens."""
+    device = logits.device
     for i, row in enumerate(rows):
         p = row.params
         if row.counts and (p.presence_penalty or p.frequency_penalty):
-            ids = torch.tensor(list(row.counts.keys()), dtype=torch.long)
-            counts = torch.tensor(list(row.counts.values()), dtype=logits.dtype)
+            ids = torch.tensor(list(row.counts.keys()), dtype=torch.long, device=device)
+            counts = torch.tensor(list(row.counts.values()), dtype=logits.dtype, device=device)
             logits[i, ids] -= counts * p.frequency_penalty + p.presence_penalty
         if row.seen:
-            ids = torch.tensor(sorted(row.seen), dtype=torch.long)
+            ids = torch.tensor(sorted(row.seen), dtype=torch.long, device=device)
             values = logits[i, ids]
             penalty = p.repetition_penalty
             logits[i, ids] = torch.where(values > 0, values / penalty, values * penalty)
         if p.logit_bias:
-            ids = torch.tensor(list(p.logit_bias.keys()), dtype=torch.long)
-            logits[i, ids] += torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype)
+            ids = torch.tensor(list(p.logit_bias.keys()), dtype=torch.long, device=device)
+            logits[i, ids] += torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=device)
         if row.stop_ids and row.generated < p.min_tokens:
-            logits[i, torch.tensor(sorted(row.stop_ids), dtype=torch.long)] = float("-inf")
+            logits[i, torch.tensor(sorted(row.stop_ids), dtype=torch.long, device=device)] = float("-inf")
 
 
 def _filter(logits: torch.Tensor, top_k: int, top_p: float, min_p: float = 0.0) -> torch.Tensor:
@@ -126,5 +127,6 @@ def choose_tokens(logits: torch.Tensor, rows: list[RowSampler]) -> list[int]:
             # raise and fail every sequence of the batch; the largest logit is the answer that is left.
             out[i] = int(torch.argmax(logits[i]))
             continue
-        out[i] = int(torch.multinomial(probs, 1, generator=row.generator).item())
+        # Each row's generator lives on the CPU (seeded answers are the same on every device).
+        out[i] = int(torch.multinomial(probs.cpu(), 1, generator=row.generator).item())
     return out

@@ -25,6 +25,7 @@ from llmadapter.engine.prefix_cache import Hit, PrefixCache
 from llmadapter.engine.sampling import RowSampler, choose_tokens
 from llmadapter.engine.stops import IncrementalDecoder, StopMatcher
 from llmadapter.engine.timing import SequenceTimes
+from llmadapter.engine.weights import model_device
 from llmadapter.errors import GenerationError, LLMAdapterError, OverloadedError
 
 log = logging.getLogger(__name__)
@@ -206,6 +207,9 @@ class Scheduler:
         prefix_cache_bytes: int = 0,
     ) -> None:
         self.model = model
+        # Where the model's weights are (llmadapter.engine.weights put them there): inputs, masks and
+        # the KV cache are made on it.
+        self.device = model_device(model)
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.max_batch_size = max_batch_size
@@ -347,6 +351,7 @@ class Scheduler:
             mask[row, past - hit : past] = 1
             mask[row, past + width - rest :] = 1
             positions[row, width - rest :] = torch.arange(hit, len(prompt))
+        ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
         cache = _new_cache(self.model.config)
         if past:
             self._splice_prefixes(cache, cache_hits, past)
@@ -373,7 +378,7 @@ class Scheduler:
                 )
         logits = out.logits[:, -1, :].float()
         if len(prompts) < len(seqs):  # copies for n > 1 (and for equal prompts sent together)
-            index = torch.tensor(row_of, dtype=torch.long)
+            index = torch.tensor(row_of, dtype=torch.long, device=self.device)
             for layer in _layers(cache):
                 layer.keys, layer.values = layer.keys[index], layer.values[index]
             logits, mask = logits[index], mask[index]
@@ -446,7 +451,7 @@ class Scheduler:
         assert batch.mask is not None
         positions = batch.mask.sum(dim=1, keepdim=True)
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch), 1))], dim=1)
-        ids = torch.tensor(batch.last_tokens, dtype=torch.long).unsqueeze(1)
+        ids = torch.tensor(batch.last_tokens, dtype=torch.long, device=self.device).unsqueeze(1)
         out = self.model(
             input_ids=ids,
             attention_mask=batch.mask,
@@ -545,7 +550,7 @@ class Scheduler:
         if not keep:
             self._batch = _Batch()
             return
-        index = torch.tensor(keep, dtype=torch.long)
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
         assert batch.mask is not None
         mask = batch.mask[index]
         # Columns that are padding for every remaining row are dead weight in every later step.

@@ -219,6 +219,11 @@ class ModelCard(WireResponse):
     alias: str | None = None
     swap_failure: str | None = None
     switched_at: int | None = None
+    # The weight format it is served with (llmadapter.engine.weights): float32 / bfloat16 / float16,
+    # none / int8 / int4, cpu / cuda:N.
+    dtype: str | None = None
+    quantization: str | None = None
+    device: str | None = None
 
 
 class ModelList(WireResponse):

@@ -212,7 +212,10 @@ def _probes(models: ServedModels, metrics: ServerMetrics) -> APIRouter:
             raise ModelLoadingError(f"Models still loading: {', '.join(loading)}.")
         # Ready while every name has an engine; a failed swap is reported, the old version still answers.
         detail = {
-            name: {k: getattr(state, k) for k in _READY_FIELDS if getattr(state, k) not in (None, "")}
+            name: {
+                **{k: getattr(state, k) for k in _READY_FIELDS if getattr(state, k) not in (None, "")},
+                **({"weights": dict(weights)} if (weights := models.engines[name].weight_format) else {}),
+            }
             for name, state in sorted(models.states.items())
             if name in models.engines
         }

@@ -66,6 +66,7 @@ def _card(ctx: ServerContext, engine: Engine) -> ModelCard:
         alias=state.alias,
         swap_failure=state.swap_failure,
         switched_at=int(state.switched_at) if state.switched_at else None,
+        **(engine.weight_format or {}),
     )
 
 

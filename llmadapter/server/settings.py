@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from llmadapter.config import DTYPE_HELP, QUANTIZATION_HELP, DtypeName, QuantizationName, WeightFormat
+
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -140,12 +142,30 @@ class ServerSettings(BaseSettings):
         "answers 404.",
     )
 
+    dtype: DtypeName = Field(
+        default="auto", description=DTYPE_HELP + " Overrides the model_config's dtype; auto: keep it."
+    )
+    quantization: QuantizationName = Field(
+        default="auto",
+        description=QUANTIZATION_HELP + " Overrides the model_config's quantization; auto: keep it.",
+    )
+    device: str = Field(
+        default="auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="Where models run: auto (cuda when available, else cpu), cpu, cuda, cuda:N. The model, "
+        "its KV cache and sampling live there.",
+    )
+
     @field_validator("api_key_env", "webhook_secret_env")
     @classmethod
     def _env_name(cls, value: str) -> str:
         if not _ENV_NAME.match(value):
             raise ValueError(f"'{value}' is not an environment variable name")
         return value
+
+    def weight_format(self) -> WeightFormat:
+        """The weight format these settings ask for (auto fields defer to the model_config)."""
+        return WeightFormat(dtype=self.dtype, quantization=self.quantization, device=self.device)
 
     def api_key(self) -> str | None:
         """The bearer key from the environment, or None when the server runs without one."""

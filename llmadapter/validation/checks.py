@@ -90,8 +90,16 @@ def check_load(loaded: Loaded, fresh_process: bool) -> CheckResult:
     if loaded.error is not None:
         return CheckResult(name="fresh-process-load", passed=False, detail=loaded.error.error)
     where = "a fresh process" if fresh_process else "this process"
+    fmt = loaded.facts.weight_format
+    # The format it was validated in is the one it serves in (llmadapter.engine.weights).
+    served = ""
+    if fmt:
+        quantized = fmt["quantization"] not in ("none", "")
+        served = (
+            f" as {fmt['quantization'] + ' weights, ' if quantized else ''}{fmt['dtype']} on {fmt['device']}"
+        )
     return CheckResult(
-        name="fresh-process-load", passed=True, detail=f"loaded in {where}", latency_s=loaded.load_s
+        name="fresh-process-load", passed=True, detail=f"loaded in {where}{served}", latency_s=loaded.load_s
     )
 
 

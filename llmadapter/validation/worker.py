@@ -67,6 +67,7 @@ class ModelFacts(BaseModel):
     context_window: int | None = None
     default_stops: list[str] = Field(default_factory=list)  # the model_config's, applied to every request
     default_response_format: dict[str, Any] | None = None  # the model_config's, for requests without one
+    weight_format: dict[str, str] | None = None  # dtype, quantization, device it was loaded with
 
 
 class Loaded(BaseModel):
@@ -120,7 +121,9 @@ def read_facts(loaded: Any) -> ModelFacts:
     window = getattr(engine, "context_window", None)
     stops = getattr(getattr(engine, "config", None), "stop", None)
     fmt = getattr(getattr(engine, "config", None), "response_format", None)
+    weights = getattr(engine, "weight_format", None)
     return ModelFacts(
+        weight_format=dict(weights) if isinstance(weights, Mapping) else None,
         task=task if isinstance(task, str) else None,
         context_window=window if isinstance(window, int) and window > 0 else None,
         default_stops=list(stops) if isinstance(stops, list | tuple) else [],

@@ -100,7 +100,12 @@ def test_the_worker_gets_our_mlflow_http_limits_unless_the_user_set_mlflows_own(
 
 def test_a_fresh_worker_loads_the_model_and_reports_the_engines_facts(store: Path, tiny_gpt2: Path) -> None:
     uri = log_source(tiny_gpt2, CHAT, model_config={"stop": ["###"]})
-    expected = ModelFacts(task=CHAT, context_window=256, default_stops=["###"])
+    expected = ModelFacts(
+        task=CHAT,
+        context_window=256,
+        default_stops=["###"],
+        weight_format={"dtype": "float32", "quantization": "none", "device": "cpu"},
+    )
 
     worker = WorkerSession(uri, timeout_s=600)
     try:
