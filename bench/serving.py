@@ -532,17 +532,25 @@ def padded_generate(
     return results, prefill, (full - prefill) / max(1, tokens - 1)
 
 
+def format_config(fmt: OursFormat) -> tuple[dict[str, str], str]:
+    """The format as model_config keys this llmadapter knows, and a note when it knows none of them."""
+    from llmadapter import ModelConfig
+
+    known = {k: v for k, v in fmt.settings.items() if k in ModelConfig.model_fields}
+    note = "" if known == fmt.settings else "this llmadapter has no dtype/quantization keys: float32"
+    return known, note
+
+
 def engine_alone(uri: str, fmt: OursFormat, tokens: int, rounds: int, threads: int) -> tuple[float, str]:
     """Median latency of one request through our engine in this process (no server), and a note."""
     import torch
 
-    from llmadapter import ModelConfig, load_engine
+    from llmadapter import load_engine
     from llmadapter.protocol import ChatCompletionRequest
 
     torch.set_num_threads(threads)
-    known = {k: v for k, v in fmt.settings.items() if k in ModelConfig.model_fields}
-    note = "" if known == fmt.settings else "format keys unknown to this llmadapter: float32"
-    engine = load_engine(uri, model_config=known or None)
+    config, note = format_config(fmt)
+    engine = load_engine(uri, model_config=config or None)
     try:
         request = ChatCompletionRequest.model_validate(chat_body(MESSAGES, tokens, False))
         engine.run([request])  # warm-up
