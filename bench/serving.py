@@ -57,9 +57,11 @@ sys.path.insert(0, str(ROOT))
 PROMPT = "Write a long story about a fox who travels the world."
 MESSAGES = [{"role": "user", "content": PROMPT}]
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+QUESTION_TOKENS = 50
 ANSWER = "Paris"
 # The seen-system-prompt scenario: one system prompt of about SYSTEM_TOKENS tokens, short user messages.
 SYSTEM_TOKENS = 300
+SEEN_TOKENS = 8  # answer tokens of the seen-system-prompt requests: it measures the first one
 SYSTEM_TOPICS = [
     ("train tickets", "timetable"),
     ("hotel rooms", "partner list"),
@@ -250,11 +252,26 @@ def log_models(folder: Path, store: Path) -> tuple[str, str]:
     return ours.model_uri, native.model_uri
 
 
-def system_prompt(folder: Path) -> tuple[str, int]:
-    """A system prompt of about SYSTEM_TOKENS tokens of this model's tokenizer, and its token count."""
+@dataclass(frozen=True)
+class Prompts:
+    """The seen system prompt, and how many tokens (prompt + answer) the bench's requests need."""
+
+    system: str
+    system_tokens: int  # the system prompt's own text
+    longest: int  # the largest seen-system-prompt request, with its answer
+    typical: int  # the load levels' and the held-out question's requests, with their answers
+
+
+def prompts(folder: Path, tokens: int) -> Prompts:
+    """A system prompt of about SYSTEM_TOKENS tokens of this model's tokenizer, and the requests' sizes."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
+
+    def chat(messages: list[dict[str, str]]) -> int:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
     lines = ["You are the assistant of a small travel agency. Follow these rules in every answer."]
     for i in range(1, 200):
         topic, source = SYSTEM_TOPICS[(i - 1) % len(SYSTEM_TOPICS)]
@@ -264,8 +281,15 @@ def system_prompt(folder: Path) -> tuple[str, int]:
         )
         count = len(tokenizer("\n".join(lines), add_special_tokens=False)["input_ids"])
         if count >= SYSTEM_TOKENS:
-            return "\n".join(lines), count
-    raise AssertionError("unreachable: 200 rules are longer than SYSTEM_TOKENS")
+            break
+    system = "\n".join(lines)
+    longest = max(chat(seen_messages(system, user)) for user in USER_QUESTIONS) + SEEN_TOKENS
+    typical = max(chat(MESSAGES) + tokens, chat(QUESTION) + QUESTION_TOKENS)
+    return Prompts(system, count, longest, typical)
+
+
+def seen_messages(system: str, user: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
 # -- servers ----------------------------------------------------------------------------------------
@@ -436,16 +460,13 @@ def measure_server(
 ) -> ServerReport:
     """Every measurement of one running OpenAI-compatible server (ours or llama-server)."""
     report = ServerReport(target)
-    (report.answer,) = asyncio.run(_single(url, [chat_body(QUESTION, 50, False)]))
+    (report.answer,) = asyncio.run(_single(url, [chat_body(QUESTION, QUESTION_TOKENS, False)]))
     report.rss_loaded_mib, _ = rss_mib(proc.pid)
     for c in levels:
         total = max(c, min_requests)
         results.append(asyncio.run(drive(target, chat_send(url, tokens, False), c, total)))
         results.append(asyncio.run(drive(f"{target} (stream)", chat_send(url, tokens, True), c, total)))
-    bodies = [
-        chat_body([{"role": "system", "content": system}, {"role": "user", "content": user}], 8, True)
-        for user in USER_QUESTIONS
-    ]
+    bodies = [chat_body(seen_messages(system, user), SEEN_TOKENS, True) for user in USER_QUESTIONS]
     cold, *seen = asyncio.run(_single(url, bodies))
     report.prefix_cold_ttft = cold.ttft
     report.prefix_ttfts = [a.ttft for a in seen]
@@ -474,31 +495,28 @@ def find_llama_server(given: Path | None) -> tuple[Path | None, str]:
     )
 
 
-def llama_argv(
-    binary: Path, gguf: Path, port: int, threads: int, slots: int, per_request: int
-) -> tuple[list[str], str]:
-    """llama-server's command line for this bench, and why its context is the size it is."""
+def llama_argv(binary: Path, gguf: Path, port: int, threads: int, slots: int, sizes: Prompts) -> list[str]:
+    """llama-server's command line for this bench: every slot, and a context no bigger than the load needs.
+
+    Its KV buffer is allocated (and touched) whole at start, so it counts in llama-server's RSS. Shared by
+    the slots (--kv-unified), it must hold `slots` typical requests at once, or the longest one; split
+    per slot, every slot must hold the longest.
+    """
     help_text = subprocess.run(
         [str(binary), "--help"], capture_output=True, text=True, check=False, timeout=60
     ).stdout
     argv = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port)]
     argv += ["--threads", str(threads), "--threads-batch", str(threads)]
     argv += ["--parallel", str(slots), "--cont-batching"]
-    # Its context is split across the slots unless they share one KV buffer: each slot needs room for
-    # the longest request (the system-prompt scenario). The KV buffer is allocated (and touched) whole
-    # at start, so it counts in llama-server's RSS: no bigger than the load needs.
-    per_slot = -(-per_request // 64) * 64
     if "--kv-unified" in help_text:
         argv.append("--kv-unified")
-        ctx = -(-(slots * per_slot) // 256) * 256
-        why = f"one KV buffer shared by {slots} slots, {per_slot} tokens per slot"
+        ctx = max(slots * sizes.typical, sizes.longest)
     else:
-        ctx = slots * per_slot
-        why = f"{slots} slots x {per_slot} tokens (the longest request {per_request})"
-    argv += ["--ctx-size", str(ctx)]
+        ctx = slots * max(sizes.typical, sizes.longest)
+    argv += ["--ctx-size", str(-(-ctx // 256) * 256)]
     if "--no-webui" in help_text:
         argv.append("--no-webui")
-    return argv, f"context {ctx}: {why}"
+    return argv
 
 
 # -- in process -------------------------------------------------------------------------------------
@@ -726,21 +744,21 @@ def serve_llama(
     tmp: Path,
     args: argparse.Namespace,
     levels: list[int],
-    system: str,
-    system_count: int,
+    sizes: Prompts,
     results: list[Result],
 ) -> ServerReport:
     from llmadapter.processes import free_port
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    # The longest request: the system prompt, a user message and the chat template's markers, plus
-    # its answer; the load levels' requests are shorter.
-    per_request = system_count + 64 + max(args.tokens, 8)
-    argv, why = llama_argv(binary, gguf, port, args.torch_threads, max(levels), per_request)
-    print(f"[{LLAMA}] {shlex.join(argv)}\n[{LLAMA}] {why}", flush=True)
+    argv = llama_argv(binary, gguf, port, args.torch_threads, max(levels), sizes)
+    print(
+        f"[{LLAMA}] {shlex.join(argv)}\n[{LLAMA}] requests need up to {sizes.typical} tokens "
+        f"({sizes.longest} with the system prompt)",
+        flush=True,
+    )
     with running(argv, f"{url}/health", tmp / "llama-server.log", args.torch_threads) as proc:
-        return measure_server(LLAMA, proc, url, levels, args.tokens, args.min_requests, system, results)
+        return measure_server(LLAMA, proc, url, levels, args.tokens, args.min_requests, sizes.system, results)
 
 
 def bench(kind: str, args: argparse.Namespace, levels: list[int], llama: Path | None, why: str) -> None:
@@ -750,14 +768,14 @@ def bench(kind: str, args: argparse.Namespace, levels: list[int], llama: Path | 
     from llmadapter.processes import free_port
 
     folder = model_folder(kind, args.data_dir)
-    system, system_count = system_prompt(folder)
+    sizes = prompts(folder, args.tokens)
     results: list[Result] = []
     reports: list[ServerReport] = []
     with tempfile.TemporaryDirectory(prefix="serving-bench-") as tmp_name:
         tmp = Path(tmp_name)
         ours_uri, native_uri = log_models(folder, tmp)
         for fmt in args.ours_format:
-            reports.append(serve_ours(fmt, ours_uri, tmp, args, levels, system, results))
+            reports.append(serve_ours(fmt, ours_uri, tmp, args, levels, sizes.system, results))
         if kind != "smollm2":
             print(f"[{LLAMA}] skipped: it serves SmolLM2's GGUF file; the {kind} model has none")
         elif llama is None:
@@ -768,7 +786,7 @@ def bench(kind: str, args: argparse.Namespace, levels: list[int], llama: Path | 
             gguf = smollm2_gguf(args.data_dir)
             measured: list[Result] = []
             try:
-                reports.append(serve_llama(llama, gguf, tmp, args, levels, system, system_count, measured))
+                reports.append(serve_llama(llama, gguf, tmp, args, levels, sizes, measured))
                 results.extend(measured)
             except (LLMAdapterError, httpx.HTTPError) as exc:  # the other columns still count
                 log = (tmp / "llama-server.log").read_text(errors="replace")[-2000:]
@@ -799,7 +817,7 @@ def bench(kind: str, args: argparse.Namespace, levels: list[int], llama: Path | 
     order = {r.target: i for i, r in enumerate(results)}
     results.sort(key=lambda r: (r.concurrency, order[r.target]))
     print_table(kind, results, args.tokens, args.torch_threads)
-    print_servers(reports, system_count, checked=kind == "smollm2")
+    print_servers(reports, sizes.system_tokens, checked=kind == "smollm2")
     print_ratios(results, reports, args.ours_format, prefill, step, levels)
 
 
@@ -808,7 +826,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", choices=["tiny", "smollm2", "both"], default=None, help="default: both")
-    parser.add_argument("--concurrency", default="1,8,32,64", help="comma-separated numbers of clients")
+    parser.add_argument("--concurrency", default=None, help="comma-separated numbers of clients (1,8,32,64)")
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per request")
     parser.add_argument("--min-requests", type=int, default=8, help="requests per level at least")
     parser.add_argument(
@@ -838,13 +856,14 @@ def main() -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="1 and 8 clients, 4 requests, 1 mlflow worker, the tiny model unless --model says otherwise",
+        help="1 and 8 clients, 4 requests, 1 mlflow worker, the tiny model, unless other flags say otherwise",
     )
     args = parser.parse_args()
     if args.quick:
-        args.concurrency, args.min_requests = "1,8", 4
+        args.concurrency, args.min_requests = args.concurrency or "1,8", min(args.min_requests, 4)
         args.model, args.workers = args.model or "tiny", args.workers or "1"
     args.model, args.workers = args.model or "both", args.workers or "1,2"
+    args.concurrency = args.concurrency or "1,8,32,64"
     levels = [int(c) for c in args.concurrency.split(",")]
     args.workers = [] if args.workers == "none" else [int(w) for w in args.workers.split(",")]
     try:
