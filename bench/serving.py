@@ -353,6 +353,17 @@ def _cached(usage: dict[str, Any] | None, timings: dict[str, Any] | None) -> int
 
 async def ask(client: Any, url: str, body: dict[str, Any]) -> Answer:
     """One /v1/chat/completions request; streamed when the body says so (ttft: the first content chunk)."""
+    import httpx
+
+    try:
+        return await _ask(client, url, body)
+    except httpx.RemoteProtocolError:
+        # llama-server closes a kept-alive connection after a few requests; the pool's next request on it
+        # gets no answer at all. Sent again on a new connection, timed afresh.
+        return await _ask(client, url, body)
+
+
+async def _ask(client: Any, url: str, body: dict[str, Any]) -> Answer:
     start = time.perf_counter()
     if not body.get("stream"):
         response = await client.post(f"{url}/v1/chat/completions", json=body)
