@@ -20,16 +20,24 @@ from typing import Any
 import torch
 
 
-class PackedInt4Linear(torch.nn.Module):
+class _DirectLinear(torch.nn.Linear):
+    """An nn.Linear that keeps torchao's weight (what code reading `.weight` sees: its shape, dtype and
+    device) but computes through a torch kernel on that weight's own data."""
+
+    def __init__(self, weight: torch.nn.Parameter, bias: torch.nn.Parameter | None) -> None:
+        torch.nn.Module.__init__(self)  # not Linear's: it would allocate a float weight
+        self.out_features, self.in_features = (int(d) for d in weight.shape)
+        self.weight = weight
+        self.bias = bias
+
+
+class PackedInt4Linear(_DirectLinear):
     """y = x W^T + b with W in torchao's packed int4 CPU layout (groupwise scales and zero points)."""
 
-    def __init__(self, weight: Any, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        self.out_features, self.in_features = (int(d) for d in weight.shape)
+    def __init__(self, weight: Any, bias: torch.nn.Parameter | None) -> None:
+        super().__init__(weight, bias)
         self.group_size = int(weight.block_size[1])
-        self.register_buffer("qdata", weight.qdata, persistent=False)
-        self.register_buffer("scale_and_zero", weight.scale_and_zero, persistent=False)
-        self.bias = bias
+        self.qdata, self.scale_and_zero = weight.qdata, weight.scale_and_zero  # the same tensors, no copy
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -43,15 +51,13 @@ class PackedInt4Linear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, group={self.group_size}"
 
 
-class PackedInt8Linear(torch.nn.Module):
+class PackedInt8Linear(_DirectLinear):
     """y = x W^T + b with W int8 per output row and one scale per row (torchao's per-row Int8Tensor)."""
 
-    def __init__(self, weight: Any, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.out_features, self.in_features = (int(d) for d in weight.qdata.shape)
-        self.register_buffer("qdata", weight.qdata.contiguous(), persistent=False)
-        self.register_buffer("scale", weight.scale.reshape(-1).to(dtype).contiguous(), persistent=False)
-        self.bias = bias
+    def __init__(self, weight: Any, bias: torch.nn.Parameter | None, dtype: torch.dtype) -> None:
+        super().__init__(weight, bias)
+        self.qdata = weight.qdata.contiguous()  # the same tensor when already contiguous
+        self.scale = weight.scale.reshape(-1).to(dtype).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -69,7 +75,8 @@ def _direct(child: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module | Non
     from torchao.quantization import Int8Tensor
 
     weight = getattr(child, "weight", None)
-    if not isinstance(child, torch.nn.Linear) or weight is None or weight.device.type != "cpu":
+    plain = isinstance(child, torch.nn.Linear) and not isinstance(child, _DirectLinear)
+    if not plain or weight is None or weight.device.type != "cpu":
         return None
     if isinstance(weight, Int4OpaqueTensor):
         if weight.act_pre_scale is None and weight.act_mapping_type is None:

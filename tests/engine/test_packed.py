@@ -40,6 +40,7 @@ def test_int4_direct_linears_give_torchaos_logits_exactly(tiny_llama: Path) -> N
     linears = len(_linears(direct))
     assert direct_linears(direct, torch.bfloat16) == linears - 1 > 0  # all but the lm_head
     assert _linears(direct).count(torch.nn.Linear) == 1
+    assert direct_linears(direct, torch.bfloat16) == 0  # already direct: nothing more to replace
     with torch.inference_mode():
         assert torch.equal(direct(input_ids=IDS).logits, reference(input_ids=IDS).logits)
 
