@@ -5,9 +5,13 @@
   batch-1 decode step of a small model. `PackedInt4Linear` keeps the same packed weight and scales and
   calls the same kernel (`aten._weight_int4pack_mm_for_cpu`) itself: identical numbers, no dispatch.
 - int8: torchao's per-row `Int8Tensor` weight-only linear converts the whole int8 matrix to the
-  activation dtype on every call (`qdata.t().to(dtype)`, then a float matmul), which for SmolLM2's
-  output layer (49152 x 576) costs more than the rest of the step. `PackedInt8Linear` calls torch's
-  int8 weight-only kernel (`aten._weight_int8pack_mm`) on the same int8 rows and scales.
+  activation dtype on every call (`qdata.t().to(dtype)`, then a float matmul, then the row scales),
+  which for SmolLM2's output layer (49152 x 576) costs more than the rest of the step.
+  `PackedInt8Linear` makes that conversion once, at load, and does the same matmul and scaling per
+  call: the same operations on the same values, so the same logits to the bit, at twice the int8
+  memory for the layer. torch's own int8 kernel (`aten._weight_int8pack_mm`) would keep int8 memory
+  but sums in another order, and on SmolLM2 that flips the near-tie of "The capital of France is
+  Paris." into a wrong answer: exactness won.
 
 Nothing here quantizes or packs: torchao does that. Only CPU tensors are replaced (CUDA keeps torchao's
 own kernels).
@@ -52,16 +56,16 @@ class PackedInt4Linear(_DirectLinear):
 
 
 class PackedInt8Linear(_DirectLinear):
-    """y = x W^T + b with W int8 per output row and one scale per row (torchao's per-row Int8Tensor)."""
+    """y = (x (W_int8)^T) * s + b as torchao's per-row Int8Tensor computes it, W converted once."""
 
     def __init__(self, weight: Any, bias: torch.nn.Parameter | None, dtype: torch.dtype) -> None:
         super().__init__(weight, bias)
-        self.qdata = weight.qdata.contiguous()  # the same tensor when already contiguous
-        self.scale = weight.scale.reshape(-1).to(dtype).contiguous()
+        self.rows_t = weight.qdata.t().to(dtype)  # what torchao converts on every call
+        self.scale = weight.scale.to(dtype).flatten()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).contiguous(), self.qdata, self.scale)
+        y = torch.mm(x.reshape(-1, shape[-1]), self.rows_t) * self.scale
         y = y.reshape(*shape[:-1], self.out_features)
         return y + self.bias if self.bias is not None else y
 
