@@ -20,6 +20,7 @@ import torch
 
 from llmadapter.config import GenerationParams
 from llmadapter.engine.base import EngineStats, WorkerThread
+from llmadapter.engine.kv_cache import cache_layers, left_pad, mergeable, new_cache, returned_cache
 from llmadapter.engine.logprobs import PromptToken, score_prompt
 from llmadapter.engine.prefix_cache import Hit, PrefixCache
 from llmadapter.engine.sampling import RowSampler, choose_tokens
@@ -86,112 +87,6 @@ class _Batch:
         return len(self.seqs)
 
 
-def _layers(cache: Any) -> list[Any]:
-    return list(cache.layers)
-
-
-def _returned_cache(out: Any) -> Any:
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
-
-
-def _growing_layer_class() -> type:
-    from transformers.cache_utils import DynamicLayer
-
-    class GrowingLayer(DynamicLayer):
-        """A DynamicLayer whose keys and values sit in buffers with room to grow: a decode step writes
-        its token in place, where DynamicLayer copies the whole cache (torch.cat) every step and layer.
-        Assigning `keys` / `values` (the scheduler's merge and drop) replaces the buffer; the next step
-        that does not fit grows it by a quarter (at least 16 tokens), so copies are amortized."""
-
-        def __init__(self) -> None:
-            self._n = self._nv = 0  # tokens held (keys, values: equal but while one is reassigned)
-            self._k: torch.Tensor | None = None
-            self._v: torch.Tensor | None = None
-            super().__init__()
-
-        @property  # type: ignore[override]
-        def keys(self) -> torch.Tensor | None:
-            return None if self._k is None else self._k[:, :, : self._n]
-
-        @keys.setter
-        def keys(self, t: torch.Tensor | None) -> None:
-            self._k = t
-            self._n = 0 if t is None else t.shape[-2]
-
-        @property  # type: ignore[override]
-        def values(self) -> torch.Tensor | None:
-            return None if self._v is None else self._v[:, :, : self._nv]
-
-        @values.setter
-        def values(self, t: torch.Tensor | None) -> None:
-            self._v = t
-            self._nv = 0 if t is None else t.shape[-2]
-
-        def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-            self.device = key_states.device
-            self.is_initialized = True
-
-        def update(
-            self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-        ) -> tuple[torch.Tensor, torch.Tensor]:
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            n, new = self._n, key_states.shape[-2]
-            k, v = self._k, self._v
-            if k is None or v is None:
-                k, v = key_states.new_empty((*key_states.shape[:2], 0, key_states.shape[3])), None
-            if v is None or n + new > k.shape[-2] or k.shape[:2] != key_states.shape[:2]:
-                room = n + new + max(16, (n + new) // 4)
-                grown_k = key_states.new_empty((*key_states.shape[:2], room, key_states.shape[3]))
-                grown_v = value_states.new_empty((*value_states.shape[:2], room, value_states.shape[3]))
-                if n and v is not None:
-                    grown_k[:, :, :n] = k[:, :, :n]
-                    grown_v[:, :, :n] = v[:, :, :n]
-                k, v = grown_k, grown_v
-            k[:, :, n : n + new] = key_states
-            v[:, :, n : n + new] = value_states
-            self._k, self._v, self._n, self._nv = k, v, n + new, n + new
-            return k[:, :, : n + new], v[:, :, : n + new]
-
-        def get_seq_length(self) -> int:
-            return self._n
-
-    return GrowingLayer
-
-
-_GROWING: type | None = None
-
-
-def _new_cache(config: Any) -> Any:
-    """A DynamicCache for `config` whose plain layers grow in place (GrowingLayer); other layer types
-    (sliding window, hybrid) stay as transformers builds them."""
-    global _GROWING
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
-    if _GROWING is None:
-        _GROWING = _growing_layer_class()
-    cache = DynamicCache(config=config)
-    if all(type(layer) is DynamicLayer for layer in cache.layers):
-        cache.layers = [_GROWING() for _ in cache.layers]
-    return cache
-
-
-def _mergeable(cache: Any) -> bool:
-    from transformers.cache_utils import DynamicLayer
-
-    return all(type(layer) is DynamicLayer or type(layer) is _GROWING for layer in _layers(cache))
-
-
-def _left_pad(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
-    if n == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = n
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-
 class Scheduler:
     """Owns the model; a background thread admits, prefills and decodes sequences until closed."""
 
@@ -223,7 +118,7 @@ class Scheduler:
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         # Cached prefixes are spliced into a fresh DynamicCache: only for models whose every layer is a
         # plain DynamicLayer (not sliding-window or hybrid layers, whose cache keeps only part).
-        plain = _mergeable(_new_cache(model.config))
+        plain = mergeable(new_cache(model.config))
         self.prefix_cache = PrefixCache(prefix_cache_bytes if plain else 0)
         self.prefix_cache_unsupported = prefix_cache_bytes > 0 and not plain
         self._waiting: deque[Sequence] = deque()
@@ -296,7 +191,7 @@ class Scheduler:
 
     def _admit(self) -> list[Sequence]:
         admitted: list[Sequence] = []
-        if self._batch.seqs and self._batch.cache is not None and not _mergeable(self._batch.cache):
+        if self._batch.seqs and self._batch.cache is not None and not mergeable(self._batch.cache):
             return admitted  # cache layout we cannot merge into: static batches only
         room = self.max_batch_size - len(self._batch)
         now = time.perf_counter()
@@ -352,7 +247,7 @@ class Scheduler:
             mask[row, past + width - rest :] = 1
             positions[row, width - rest :] = torch.arange(hit, len(prompt))
         ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
-        cache = _new_cache(self.model.config)
+        cache = new_cache(self.model.config)
         if past:
             self._splice_prefixes(cache, cache_hits, past)
         out = self.model(
@@ -365,7 +260,7 @@ class Scheduler:
         )
         self.stats.record_batch(len(prompts))
         self.stats.prompt_tokens += sum(len(s.prompt_ids) for s in seqs)
-        cache = _returned_cache(out)
+        cache = returned_cache(out)
         self._remember(prompts, cache, mask)
         for seq, row in zip(seqs, row_of, strict=True):
             seq.cached_tokens = hits[row]
@@ -379,7 +274,7 @@ class Scheduler:
         logits = out.logits[:, -1, :].float()
         if len(prompts) < len(seqs):  # copies for n > 1 (and for equal prompts sent together)
             index = torch.tensor(row_of, dtype=torch.long, device=self.device)
-            for layer in _layers(cache):
+            for layer in cache_layers(cache):
                 layer.keys, layer.values = layer.keys[index], layer.values[index]
             logits, mask = logits[index], mask[index]
         self._merge(seqs, cache, mask)
@@ -405,7 +300,7 @@ class Scheduler:
         prefix_cache = self.prefix_cache
         if not prefix_cache.enabled:
             return
-        layers = _layers(cache)
+        layers = cache_layers(cache)
         for row, prompt in enumerate(prompts):
             if prefix_cache.covers(prompt):
                 continue
@@ -427,21 +322,21 @@ class Scheduler:
             assert batch.mask is not None
             old_len, new_len = batch.mask.shape[1], mask.shape[1]
             width = max(old_len, new_len)
-            for old_layer, new_layer in zip(_layers(batch.cache), _layers(cache), strict=True):
+            for old_layer, new_layer in zip(cache_layers(batch.cache), cache_layers(cache), strict=True):
                 old_layer.keys = torch.cat(
                     [
-                        _left_pad(old_layer.keys, width - old_len, 2),
-                        _left_pad(new_layer.keys, width - new_len, 2),
+                        left_pad(old_layer.keys, width - old_len, 2),
+                        left_pad(new_layer.keys, width - new_len, 2),
                     ]
                 )
                 old_layer.values = torch.cat(
                     [
-                        _left_pad(old_layer.values, width - old_len, 2),
-                        _left_pad(new_layer.values, width - new_len, 2),
+                        left_pad(old_layer.values, width - old_len, 2),
+                        left_pad(new_layer.values, width - new_len, 2),
                     ]
                 )
             batch.mask = torch.cat(
-                [_left_pad(batch.mask, width - old_len, 1), _left_pad(mask, width - new_len, 1)]
+                [left_pad(batch.mask, width - old_len, 1), left_pad(mask, width - new_len, 1)]
             )
         batch.seqs.extend(seqs)
         batch.last_tokens.extend([self.pad_id] * len(seqs))
@@ -460,7 +355,7 @@ class Scheduler:
             **{self._cache_kw: batch.cache},
         )
         self.stats.record_batch(len(batch))
-        batch.cache = _returned_cache(out)
+        batch.cache = returned_cache(out)
         self._advance(batch.seqs, out.logits[:, -1, :].float(), offset=0)
 
     def _advance(self, seqs: list[Sequence], logits: torch.Tensor, offset: int) -> None:
@@ -555,7 +450,7 @@ class Scheduler:
         mask = batch.mask[index]
         # Columns that are padding for every remaining row are dead weight in every later step.
         first = int((mask.sum(dim=0) > 0).nonzero()[0])
-        for layer in _layers(batch.cache):
+        for layer in cache_layers(batch.cache):
             layer.keys = layer.keys[index, :, first:, :]
             layer.values = layer.values[index, :, first:, :]
         batch.mask = mask[:, first:]

@@ -159,10 +159,10 @@ def test_a_failing_step_fails_its_requests_and_the_worker_lives_on(tiny_gpt2: Pa
 
 def test_the_kv_cache_grows_in_place_between_steps(tiny_llama: Path) -> None:
     """A decode step writes its token into room the layer already has, instead of copying the cache."""
-    from llmadapter.engine.scheduler import _new_cache
+    from llmadapter.engine.kv_cache import new_cache
 
     config = transformers.AutoConfig.from_pretrained(tiny_llama)
-    cache = _new_cache(config)
+    cache = new_cache(config)
     layer = cache.layers[0]
     prompt = torch.randn(2, 4, 30, 16)
     keys, _ = cache.update(prompt, prompt.clone(), 0)
